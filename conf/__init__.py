@@ -1,0 +1,1 @@
+# Hydra configs of reprlens, importable as the package `reprlens.conf` (pkg://reprlens.conf).

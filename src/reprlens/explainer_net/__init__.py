@@ -1,0 +1,3 @@
+"""explainer_net (not implemented yet; see the issue tracker)."""
+
+__all__: list[str] = []

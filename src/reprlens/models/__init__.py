@@ -1,0 +1,3 @@
+"""models (not implemented yet; see the issue tracker)."""
+
+__all__: list[str] = []

@@ -1,0 +1,5 @@
+"""Plotting helpers (invert). Matplotlib is optional: `pip install 'reprlens[plots]'`."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

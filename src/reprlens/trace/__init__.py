@@ -1,0 +1,3 @@
+"""trace (not implemented yet; see the issue tracker)."""
+
+__all__: list[str] = []
