@@ -29,7 +29,8 @@ class Informativeness(Metric):
     """Mean informativeness score (NS) over all samples seen (see :func:`~reprlens.scores.informativeness`).
 
     ``update(maps, reference_maps)`` takes maps of real inputs ``(N, K, *P)`` and of reference (noise) inputs
-    ``(M, K, *P)``; each batch is scored against its own reference maps.
+    ``(M, K, *P)``; each batch is scored against its own reference maps. ``plot_upper_bound = 1`` holds for
+    ``normalization="minmax"`` (the other modes are unbounded).
 
     Args:
         reduce_dims: ``"sum"``, ``"abs"`` or ``"var"``.
@@ -78,8 +79,6 @@ class Informativeness(Metric):
         self.eps = eps
         self.ddof = ddof
         self.validate_args = validate_args
-        if normalization != "minmax":
-            self.plot_upper_bound = None  # type: ignore[assignment]  # unbounded without min-max
         self.add_state("score_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("num_samples", default=torch.tensor(0), dist_reduce_fx="sum")
 
@@ -100,6 +99,9 @@ class Informativeness(Metric):
 
 class Disentanglement(Metric):
     """Mean disentanglement score (VS) over all samples seen (see :func:`~reprlens.scores.disentanglement`).
+
+    ``plot_upper_bound = 0.25`` holds for the defaults (normalised maps, ``ddof=0``, spatial mean); with
+    ``ddof=1`` the bound is ``K/(4(K-1))`` (even K) or ``(K+1)/(4K)`` (odd K).
 
     Args:
         normalize: min-max normalise each map first.
@@ -155,8 +157,6 @@ class Disentanglement(Metric):
         self.spatial_reduction = spatial_reduction
         self.num_dims_total = num_dims_total
         self.validate_args = validate_args
-        if not normalize or ddof != 0 or spatial_reduction != "mean":
-            self.plot_upper_bound = None  # type: ignore[assignment]  # 0.25 holds for normalised maps, ddof 0
         self.add_state("score_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("num_samples", default=torch.tensor(0), dist_reduce_fx="sum")
 
