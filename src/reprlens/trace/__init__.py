@@ -1,3 +1,63 @@
-"""trace (not implemented yet; see the issue tracker)."""
+"""Training trace (Pfahler & Morik 2021; TracIn): what each training example contributed to chosen layers.
 
-__all__: list[str] = []
+* :class:`TraceRecorder` (plain torch) / ``reprlens.callbacks.TrainingTrace`` (Lightning) record per-example
+  factors crash-safely into a store (append-only shards + atomic manifests).
+* :class:`TraceReader` answers: per-example contributions to a test input's representation change, top-k
+  proponents/opponents, per-class sums, TracIn influence and self-influence, completeness reports.
+* :mod:`reprlens.trace.functional` holds the plain-torch factor identities; :mod:`reprlens.trace.sampler` the
+  class-pure batch sampler with ghost samples; :mod:`reprlens.trace.ids` example-id adapters.
+
+Example:
+    >>> from reprlens.trace import TraceReader, TraceRecorder, ClassPureBatchSampler
+"""
+
+from reprlens.trace import functional, ids
+from reprlens.trace.functional import (
+    LayerSpec,
+    factor_dot,
+    factor_sq_norm,
+    patch_matrix,
+    per_example_grads,
+    row_contributions,
+    row_scores,
+    weighted_gaussian_kde,
+)
+from reprlens.trace.ids import WithIndex
+from reprlens.trace.reader import (
+    ClassContributions,
+    CompletenessReport,
+    Contributions,
+    Influence,
+    TopK,
+    TraceCheckpoint,
+    TraceReader,
+    captum_checkpoint_loader,
+)
+from reprlens.trace.recorder import TraceRecorder
+from reprlens.trace.sampler import ClassPureBatchSampler, real_rows, use_ghost_batchnorm
+
+__all__ = [
+    "ClassContributions",
+    "ClassPureBatchSampler",
+    "CompletenessReport",
+    "Contributions",
+    "Influence",
+    "LayerSpec",
+    "TopK",
+    "TraceCheckpoint",
+    "TraceReader",
+    "TraceRecorder",
+    "WithIndex",
+    "captum_checkpoint_loader",
+    "factor_dot",
+    "factor_sq_norm",
+    "functional",
+    "ids",
+    "patch_matrix",
+    "per_example_grads",
+    "real_rows",
+    "row_contributions",
+    "row_scores",
+    "use_ghost_batchnorm",
+    "weighted_gaussian_kde",
+]
