@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ConceptSet", "parse_formula"]
+__all__ = ["ConceptSet", "datamodule_concepts", "parse_formula"]
 
 _BAD_NAME = re.compile(r"[\s&|~(),;]")
 _TRUE = {"1", "true", "t", "yes", "y", "1.0"}
@@ -426,17 +426,28 @@ class ConceptSet:
         return cls(torch.cat(cols, 1), names)
 
     @classmethod
-    def from_shapes(cls, dataset: Any) -> ConceptSet:
+    def from_shapes(cls, dataset: Any, split: str | None = None) -> ConceptSet:
         """Concepts of a ``reprlens.data.ShapesDataset`` (its ``concept_matrix()`` and ``concept_names``).
 
-        Also accepts a ``ShapesDataModule``-like object with a ``dataset`` attribute, or any object with
-        ``factors`` and ``factor_names`` (integer factors -> ``name=value``).
+        Also accepts a ``ShapesDataModule`` (``split``, default ``"val"``: rows follow
+        ``eval_dataloader(split)``), or any object with ``factors`` and ``factor_names``.
+
+        Example:
+            >>> from reprlens.data import ShapesDataset
+            >>> cs = ConceptSet.from_shapes(ShapesDataset(50, image_size=16, seed=0))
+            >>> "shape=circle" in cs.names
+            True
         """
         ds = dataset
-        if not hasattr(ds, "concept_matrix") and hasattr(ds, "dataset"):
+        if callable(getattr(ds, "dataset", None)) and hasattr(ds, "concept_matrix"):
+            ds = ds.dataset(split or "val")
+        elif not hasattr(ds, "concept_matrix") and hasattr(ds, "dataset"):
             ds = ds.dataset
         if hasattr(ds, "concept_matrix"):
-            return cls(ds.concept_matrix(), list(ds.concept_names))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                out = cls(ds.concept_matrix(), list(ds.concept_names))
+            return out
         if hasattr(ds, "factors") and hasattr(ds, "factor_names"):
             fac = torch.as_tensor(ds.factors)
             return cls.from_factors({n: fac[:, i] for i, n in enumerate(ds.factor_names)})
@@ -523,3 +534,16 @@ class ConceptSet:
             n, k = (int(v) for v in z["shape"])
             bits = np.unpackbits(z["bits"], axis=0, count=n).astype(bool)
             return cls(bits[:, :k], list(z["names"]), list(z["descriptions"]), warn=False)
+
+
+def datamodule_concepts(trainer: Any, pl_module: Any = None, split: str = "val") -> ConceptSet:
+    """``ConceptSet`` of ``trainer.datamodule`` (shapes: ``concept_matrix(split)``), for callbacks and configs.
+
+    Use it as ``ConceptLabeler(layer, concepts=functools.partial(datamodule_concepts, split="val"))``.
+    """
+    dm = getattr(trainer, "datamodule", None)
+    if dm is None:
+        raise ValueError("datamodule_concepts needs `trainer.datamodule`; pass a ConceptSet instead.")
+    if hasattr(dm, "concept_set"):
+        return dm.concept_set(split)
+    return ConceptSet.from_shapes(dm, split=split)
