@@ -46,7 +46,7 @@ def test_logistic_probe_matches_sklearn_logistic_regression():
     tx, ty = _clusters(200, 6, 3, sep=1.0, seed=2)  # overlapping clusters: the optimum matters
     vx, vy = _clusters(400, 6, 3, sep=1.0, seed=3)
     wd = 1e-2
-    res = fit_linear_probe(tx.double(), ty, vx.double(), vy, weight_decay=wd, max_iter=500)
+    res = fit_linear_probe(tx.double(), ty, vx.double(), vy, weight_decay=wd, max_iter=500, tol=1e-9)
     mean, std = tx.double().mean(0), tx.double().std(0, unbiased=False)
     # sklearn minimises 0.5 ||W||^2 + C * sum CE, ours mean CE + 0.5 wd ||W||^2  ->  C = 1 / (wd N)
     clf = sklearn_linear.LogisticRegression(C=1.0 / (wd * len(tx)), tol=1e-10, max_iter=5000)
