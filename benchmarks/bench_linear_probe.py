@@ -4,8 +4,8 @@ Prints per-variant median CPU-time ratios ``reprlens / sklearn`` from ABAB-paire
 iteration next to a scikit-learn iteration; median of per-pair ratios), plus the accuracies of both so
 the speed comparison is between equally good answers.
 
-    python benchmarks/linear_probe.py            # default sizes
-    python benchmarks/linear_probe.py --quick    # smaller, for a smoke run
+    python benchmarks/bench_linear_probe.py            # default sizes
+    python benchmarks/bench_linear_probe.py --quick    # smaller, for a smoke run
 """
 
 from __future__ import annotations
