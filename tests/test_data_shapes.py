@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -386,8 +387,6 @@ def test_default_collate_also_works():
 
 
 def test_lightning_fit_sets_epoch_for_views():
-    import lightning.pytorch as pl
-
     class Probe(pl.LightningModule):
         def __init__(self):
             super().__init__()
@@ -424,3 +423,35 @@ def test_generation_is_fast():
     ShapesDataset(5_000, 32, seed=0).materialize()
     assert time.process_time() - t < 10.0  # ~0.2 s on one idle core; generous for a busy machine
     assert np.isfinite(t)
+
+
+class _DDPProbe(pl.LightningModule):
+    """Records the example ids every rank trains on (module level so ddp_spawn can pickle it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        gathered = self.all_gather(batch["index"])  # (world, B)
+        self.seen.append(gathered.reshape(-1).cpu())
+        return self.lin(batch["views"][0].mean((1, 2, 3))[:, None]).mean() * 0
+
+    def on_train_end(self):
+        if self.global_rank == 0:
+            torch.save(torch.cat(self.seen), self.trainer.default_root_dir + "/seen.pt")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_partition_the_train_split(tmp_path):
+    dm = ShapesDataModule(num_train=32, num_val=8, num_test=8, batch_size=4, two_views=True)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(_DDPProbe(), datamodule=dm)
+    seen = torch.load(tmp_path / "seen.pt")
+    assert sorted(seen.tolist()) == list(range(32))  # each example once, split across the two ranks
