@@ -438,12 +438,12 @@ def _check_source(source: Tensor) -> None:
         raise ValueError(f"Expected `source` of shape (N, *S) with at least 2 dims, but got shape {tuple(source.shape)}.")
 
 
-def _check_transform(transform: str | None, source_ndim: int, channel_dim: int | None) -> str:
+def _check_transform(transform: str | None, phi_ndim: int, channel_dim: int | None) -> str:
     transform = "none" if transform is None else transform
     if transform not in _TRANSFORMS:
         raise ValueError(f"Expected argument `transform` to be one of {_TRANSFORMS} or None, but got {transform!r}.")
     if transform != "none":
-        _default_channel_dim(source_ndim + 1, channel_dim)  # raises for sequences without channel_dim
+        _default_channel_dim(phi_ndim, channel_dim)  # raises for sequences without channel_dim
     return transform
 
 
@@ -707,7 +707,8 @@ def layer_attributions(
     grad_ctx = contextlib.nullcontext() if create_graph else torch.no_grad()
 
     def f(x: Tensor) -> Tensor:
-        return _reduce_target(head(x), target_reduction, x.shape[0])
+        # the clone protects the differentiated input from in-place ops at the head's entry (ReLU(inplace=True))
+        return _reduce_target(head(x.clone()), target_reduction, x.shape[0])
 
     engine_path = "vmap" if path in ("auto", "factorized") else path
     engine = _Engine(f, bns, policy, engine_path, chunk_size, create_graph)
@@ -923,7 +924,7 @@ def summed_map(
         h = source if create_graph else source.detach()
         ctx = contextlib.nullcontext() if create_graph else torch.no_grad()
         with ctx:
-            z, vjp_fn = torch.func.vjp(lambda x: _reduce_target(target(x), target_reduction, n), h)
+            z, vjp_fn = torch.func.vjp(lambda x: _reduce_target(target(x.clone()), target_reduction, n), h)
             (g,) = vjp_fn(cotangent(z))
         log.debug("summed_map: path=func-single-vjp")
     else:
@@ -1244,9 +1245,9 @@ class LayerToLayerAttribution:
     @contextlib.contextmanager
     def _replace_source(self, value: Tensor) -> Iterator[None]:
         if self.attribute_to_source_input:
-            handle = self.source_module.register_forward_pre_hook(lambda m, a: (value, *a[1:]))
-        else:
-            handle = self.source_module.register_forward_hook(lambda m, a, o: value)
+            handle = self.source_module.register_forward_pre_hook(lambda m, a: (value.clone(), *a[1:]))
+        else:  # the clone keeps `value` out of reach of in-place ops downstream
+            handle = self.source_module.register_forward_hook(lambda m, a, o: value.clone())
         try:
             yield
         finally:
