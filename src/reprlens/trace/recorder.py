@@ -247,8 +247,10 @@ class TraceRecorder:
                 )
             self.run_id = state["run_id"]
             resume_step = int(state["last_flushed_step"])
-            self.segment = len(meta["segments"])
-            if self.rank == 0:
+            # every rank derives the same new segment index from the saved state (rank 0 may already have
+            # appended it to trace.json)
+            self.segment = int(state.get("segment", len(meta["segments"]) - 1)) + 1
+            if self.rank == 0 and all(s["segment"] != self.segment for s in meta["segments"]):
                 meta["segments"].append({"segment": self.segment, "start_step": resume_step})
                 meta["truncations"].append({"segment": self.segment, "step": resume_step})
                 S.atomic_write_json(meta_path, meta)
