@@ -455,3 +455,31 @@ def test_ddp_two_ranks_partition_the_train_split(tmp_path):
     trainer.fit(_DDPProbe(), datamodule=dm)
     seen = torch.load(tmp_path / "seen.pt")
     assert sorted(seen.tolist()) == list(range(32))  # each example once, split across the two ranks
+
+
+def test_dataloader_workers_share_the_epoch_stream():
+    dm = ShapesDataModule(num_train=32, num_val=8, num_test=8, batch_size=8, num_workers=2, two_views=True)
+    dl = dm.train_dataloader()
+    dl.sampler.set_epoch(1)  # what Lightning calls before each epoch; workers start after it
+    got = {int(i): v for b in dl for i, v in zip(b["index"], b["views"][0])}
+    ds = dm.dataset("train")
+    ds.set_epoch(1)
+    ref = ds.get_batch(range(32))["views"][0]
+    assert sorted(got) == list(range(32)) and all(torch.equal(got[i], ref[i]) for i in range(32))
+
+
+@pytest.mark.gpu
+def test_cuda_renders_the_same_images(cuda_device):
+    ds = ShapesDataset(256, 32, seed=0)
+    f, idx = ds.factor_values, torch.arange(256)
+    img_cpu, mask_cpu = render_shapes(f, 32, index=idx)
+    img_gpu, mask_gpu = render_shapes(f.to(cuda_device), 32, index=idx.to(cuda_device))
+    # counter-based noise is bit-identical; masks may differ only at exact pixel-boundary ties
+    assert (mask_cpu != mask_gpu.cpu()).sum() <= 5
+    same = (mask_cpu == mask_gpu.cpu()).expand_as(img_cpu)
+    assert torch.equal(img_cpu[same], img_gpu.cpu()[same])
+    lm = shape_landmarks(f.to(cuda_device), 32)
+    torch.testing.assert_close(lm.cpu(), shape_landmarks(f, 32), equal_nan=True)
+    v_cpu, _ = augment_batch(img_cpu, idx, key=1)
+    v_gpu, _ = augment_batch(img_gpu, idx.to(cuda_device), key=1)
+    torch.testing.assert_close(v_gpu.cpu(), v_cpu, atol=1e-4, rtol=0)
