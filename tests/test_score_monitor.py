@@ -62,9 +62,9 @@ def _loaders(batch_size: int = 4):
             torch.utils.data.DataLoader(DictData(12, seed=2), batch_size=batch_size))
 
 
-def _trainer(tmp_path, callbacks, *, trainer_cls=pl.Trainer, max_epochs=1, logger=False, **kwargs):
+def _trainer(tmp_path, callbacks, *, trainer_cls=pl.Trainer, max_epochs=1, logger=False, devices=1, **kwargs):
     return trainer_cls(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, callbacks=callbacks, logger=logger,
+        accelerator="cpu", devices=devices, max_epochs=max_epochs, callbacks=callbacks, logger=logger,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         num_sanity_val_steps=0, default_root_dir=str(tmp_path), **{"inference_mode": False, **kwargs},
     )
@@ -186,6 +186,10 @@ def test_schedule_max_batches_num_samples_and_images(tmp_path):
     assert {"val/informativeness", "val/disentanglement"} <= set(events.Tags()["scalars"])
     assert monitor._probe.shape == (2, 3, 6, 6)
     torch.testing.assert_close(monitor._probe, val.dataset.x[:2])
+    # a standalone validate() is always monitored, whatever every_n_epochs says
+    calls.clear()
+    trainer.validate(trainer.lightning_module, val, verbose=False)
+    assert calls == [(4, 3), (4, 2), (4, 3), (4, 2)]
 
 
 def test_noise_reference_is_seeded_and_fixed():
@@ -306,3 +310,49 @@ def test_invalid_arguments_raise_eagerly(tmp_path):
         model = TinyNet()
         model.fc = nn.Linear(6, 1)
         _trainer(tmp_path, [ScoreMonitor("act2", "fc", plot_every_n_epochs=None)]).validate(model, val, verbose=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDP (2 CPU processes, gloo) and GPU
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_spawn_two_processes_equals_single_process(tmp_path):
+    """Metrics are synced across ranks: the DDP epoch value equals the single-process value on all samples."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.eval()
+    val = torch.utils.data.DataLoader(DictData(12, seed=2), batch_size=3)
+    noise = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(5))  # fixed reference on every rank
+    single = ScoreMonitor("act2", "fc", noise=noise, plot_every_n_epochs=None)
+    (expected,) = _trainer(tmp_path, [single]).validate(model, val, verbose=False)
+    monitor = ScoreMonitor("act2", "fc", noise=noise, plot_every_n_epochs=None)
+    trainer = _trainer(tmp_path, [monitor], devices=2, strategy="ddp_spawn")
+    (got,) = trainer.validate(model, val, verbose=False)
+    assert got["val/informativeness"] == pytest.approx(expected["val/informativeness"], rel=1e-5)
+    assert got["val/disentanglement"] == pytest.approx(expected["val/disentanglement"], rel=1e-5)
+    # rank 0 alone sees only half of the samples: its local value differs (the check can fail)
+    half = torch.utils.data.DataLoader(torch.utils.data.Subset(DictData(12, seed=2), range(0, 12, 2)), batch_size=3)
+    (local,) = _trainer(tmp_path, [ScoreMonitor("act2", "fc", noise=noise, plot_every_n_epochs=None)]).validate(
+        model, half, verbose=False)
+    assert abs(local["val/disentanglement"] - expected["val/disentanglement"]) > 1e-4
+
+
+@pytest.mark.gpu
+def test_score_monitor_on_gpu_matches_cpu(tmp_path, cuda_device):
+    _, val = _loaders()
+    torch.manual_seed(0)
+    model = TinyNet()
+    results = []
+    for accelerator in ("cpu", "gpu"):
+        monitor = ScoreMonitor("act2", "fc", num_noise=3, plot_every_n_epochs=1)
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, callbacks=[monitor], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                             default_root_dir=str(tmp_path / accelerator))
+        (res,) = trainer.validate(model, val, verbose=False)
+        results.append(res)
+        assert all(m.device.type == ("cuda" if accelerator == "gpu" else "cpu") for m in monitor.metrics.values())
+    for key in ("val/informativeness", "val/disentanglement"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-4)
+    assert glob.glob(str(tmp_path / "gpu" / "figures" / "*.png"))

@@ -503,3 +503,31 @@ def test_position_axes_are_flattened():
     torch.testing.assert_close(informativeness(maps, ref), informativeness(flat, flat_ref), rtol=0, atol=0)
     torch.testing.assert_close(disentanglement(maps, ddof=1), disentanglement(flat, ddof=1), rtol=0, atol=0)
     torch.testing.assert_close(map_similarity(maps), map_similarity(flat), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_scores_on_cuda_match_cpu(cuda_device):
+    from reprlens.scores import Disentanglement, Informativeness
+
+    maps, ref = _rand(6, 5, 4, 4, seed=20), _rand(3, 5, 4, 4, seed=21)
+    cm, cr = maps.to(cuda_device), ref.to(cuda_device)
+    pairs = [
+        (informativeness(cm, cr, reduction="none"), informativeness(maps, ref, reduction="none")),
+        (informativeness_per_dim(cm, cr), informativeness_per_dim(maps, ref)),
+        (disentanglement(cm, ddof=1, reduction="none"), disentanglement(maps, ddof=1, reduction="none")),
+        (disentanglement(cm, num_dims_total=9), disentanglement(maps, num_dims_total=9)),
+        (disentanglement_per_dim(cm), disentanglement_per_dim(maps)),
+        (map_similarity(cm), map_similarity(maps)),
+        (informativeness(cm.half(), cr.half()), informativeness(maps.float(), ref.float())),
+    ]
+    for got, expected in pairs:
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), expected, rtol=2e-3 if got.dtype == torch.float32 else 1e-12, atol=1e-6)
+    ns, vs = Informativeness().to(cuda_device), Disentanglement().to(cuda_device)
+    ns.update(cm.float(), cr.float())
+    vs.update(cm.float())
+    assert ns.compute().item() == pytest.approx(informativeness(maps, ref).item(), rel=1e-5)
+    assert vs.compute().item() == pytest.approx(disentanglement(maps).item(), rel=1e-5)
+    leaf = cm.clone().requires_grad_(True)
+    disentanglement(leaf).backward()
+    assert torch.isfinite(leaf.grad).all()

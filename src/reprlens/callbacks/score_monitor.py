@@ -87,7 +87,10 @@ class ScoreMonitor(Callback):
     ``f"{prefix}informativeness"`` and ``f"{prefix}disentanglement"``, logged with ``on_epoch=True``.
     Informativeness compares the batch's maps with those of ``num_noise`` reference inputs drawn once per
     validation epoch from the first monitored batch with a generator seeded by ``seed`` (the same noise
-    inputs every epoch, so epochs are comparable; spec 2.5).
+    inputs every epoch, so epochs are comparable; spec 2.5). Under DDP each rank draws its noise from the
+    channel range of its own first batch (the same ``U(0, 1)`` for [0, 1] images); pass a fixed ``noise``
+    tensor for bit-identical references on every rank. Only validation dataloader 0 is monitored, during
+    ``fit`` on epochs selected by ``every_n_epochs`` and always in a standalone ``trainer.validate``.
 
     Every ``plot_every_n_epochs`` monitored epochs, rank 0 logs an image grid (rows: probe samples;
     columns: input, the maps of the first ``max_plot_dims`` units, and the variance-over-dims map that
@@ -347,7 +350,12 @@ class ScoreMonitor(Callback):
 
     # ------------------------------------------------------------------ validation hooks
     def _epoch_selected(self, trainer: Any) -> bool:
-        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if trainer.sanity_checking:
+            return False
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        if fn is not None and fn != "fit":  # TrainerFn is a str enum
+            return True  # a standalone `trainer.validate(...)` is always monitored
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
