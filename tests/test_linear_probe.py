@@ -345,3 +345,39 @@ def test_callback_works_with_pytorch_lightning_trainer(tmp_path):
     )
     trainer.fit(PTLModule(), datamodule=PTLDataModule())
     assert probe.results["linear_val_acc"] > 0.9
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_probe_on_gpu_matches_cpu(cuda_device):
+    tx, ty = _clusters(400, 16, 5, sep=1.0, seed=0)
+    vx, vy = _clusters(300, 16, 5, sep=1.0, seed=1)
+    for method in ("logistic", "ridge"):
+        cpu = fit_linear_probe(tx.double(), ty, vx.double(), vy, method=method, tol=1e-9, max_iter=500)
+        gpu = fit_linear_probe(
+            tx.double().to(cuda_device), ty.to(cuda_device), vx.double().to(cuda_device), vy.to(cuda_device),
+            method=method, tol=1e-9, max_iter=500,
+        )
+        assert gpu["val_acc"] == pytest.approx(cpu["val_acc"], abs=1.0 / 300 + 1e-12)
+    pred_cpu = knn_predict(tx, ty, vx, 20)
+    pred_gpu = knn_predict(tx.to(cuda_device), ty.to(cuda_device), vx.to(cuda_device), 20)
+    assert pred_gpu.device.type == "cuda"
+    assert (pred_gpu.cpu() == pred_cpu).float().mean() > 0.99  # float32 ties/rounding may flip a rare vote
+
+
+@pytest.mark.gpu
+def test_callback_on_gpu_keeps_embeddings_on_device(cuda_device, tmp_path):
+    devices = []
+
+    def embed(module, x):
+        devices.append(x.device.type)
+        return module(x)
+
+    probe = LinearProbe(embedding_fn=embed, knn_k=5, progress_bar=False)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="gpu", devices=1, callbacks=[probe], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(_Module(), datamodule=_DataModule())
+    assert devices and set(devices) == {"cuda"}
+    assert probe.results["linear_val_acc"] > 0.9

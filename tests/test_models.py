@@ -260,3 +260,25 @@ def test_classifier_learns_a_separable_task():
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean()
     assert acc > 0.95
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_models_fast_dev_run_on_gpu(cuda_device, precision):
+    models = [
+        (SimCLR(width=4, projector_hidden_dim=16, projector_out_dim=8), DictImages(n=8, views=True)),
+        (ConvAutoencoder(in_channels=3, image_size=16, embedding_dim=4, num_classes=3, hidden_channels=(4, 8)),
+         DictImages(n=8)),
+        (Classifier(in_channels=3, num_classes=3, channels=(4, 8)), TupleImages(n=8)),
+    ]
+    for model, ds in models:
+        loader = DataLoader(ds, batch_size=4)
+        trainer = pl.Trainer(
+            fast_dev_run=True, accelerator="gpu", devices=1, precision=precision, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )
+        trainer.fit(model, loader, loader)
+        assert torch.isfinite(trainer.callback_metrics["train/loss"]).item()
+    z1, z2 = torch.randn(8, 5, device=cuda_device), torch.randn(8, 5, device=cuda_device)
+    assert torch.allclose(nt_xent_loss(z1, z2).cpu(), nt_xent_loss(z1.cpu(), z2.cpu()), atol=1e-5)
