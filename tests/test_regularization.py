@@ -486,3 +486,49 @@ def test_extra_forwards_leave_batchnorm_buffers_untouched():
     assert torch.equal(bn.running_mean, bn_plain.running_mean)
     assert torch.equal(bn.running_var, bn_plain.running_var)
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_example_simclr_and_autoencoder_unchanged():
+    from reprlens.attribution import PooledHead
+    from reprlens.data import DigitsDataModule, ShapesDataModule
+    from reprlens.models import ConvAutoencoder, SimCLR
+
+    simclr = SimCLR(width=8, projector_hidden_dim=32, projector_out_dim=16)
+    cb = ExplanationRegularization("backbone.layer3", "projector", informativeness=0.1, disentanglement=0.1)
+    dm = ShapesDataModule(num_train=32, num_val=16, num_test=16, batch_size=16, two_views=True)
+    trainer = _trainer([cb], max_steps=2, limit_val_batches=0)
+    trainer.fit(simclr, datamodule=dm)
+    assert isinstance(cb._head, PooledHead)
+    assert torch.isfinite(trainer.callback_metrics["reg/informativeness"])
+    assert "training_step" not in vars(simclr)
+
+    ae = ConvAutoencoder(in_channels=1, embedding_dim=5, hidden_channels=(4, 8))
+    cb = ExplanationRegularization("encoder.act2", "encoder.fc", disentanglement=0.1, informativeness=0.1)
+    trainer = _trainer([cb], max_steps=2, limit_val_batches=0)
+    trainer.fit(ae, datamodule=DigitsDataModule(batch_size=16))
+    assert cb._head is not None, "maxpool + flatten + linear head should be detected"
+    assert torch.isfinite(trainer.callback_metrics["reg/disentanglement"])
+
+
+def test_ddp_two_gloo_processes_match_single_process(tmp_path):
+    """Gradients equal on both ranks and equal the mean of the two shards' single-process gradients."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ddp_regularization.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "ddp"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    g0 = torch.load(tmp_path / "rank0.pt")
+    g1 = torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(0)
+    model = TinyNet().double()
+    x, y = _data(n=8)
+    noise = torch.rand(4, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    # DistributedSampler without shuffling: rank r gets rows r, r+2, r+4, r+6
+    e0 = _manual_grads(model, x[0::2], y[0::2], 0.2, 0.5, noise)
+    e1 = _manual_grads(model, x[1::2], y[1::2], 0.2, 0.5, noise)
+    for name in e0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=0, atol=0)
+        torch.testing.assert_close(g0[name], (e0[name] + e1[name]) / 2, rtol=1e-10, atol=1e-12, msg=name)
