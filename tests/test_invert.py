@@ -507,3 +507,30 @@ def test_score_and_result_api(fx, tmp_path):
     assert full.describe(0) == full.formula[0]
     assert "| unit |" in full.summary()
     assert len(full.best()) == 2
+
+
+def test_formula_strings_match_sympy():
+    """The sympy-free printer gives sympy's str() for random left-to-right chains."""
+    import random
+
+    import sympy
+
+    from reprlens.invert.search import _Expr
+
+    rng = random.Random(0)
+    names = ["c0", "c1", "c2", "c10", "c11", "shape=circle", "colour=red", "b", "a_1"]
+    for _ in range(3000):
+        length = rng.randint(1, 5)
+        expr_s = expr_m = None
+        for _ in range(length):
+            name, neg, op = rng.choice(names), rng.random() < 0.4, rng.random() < 0.5
+            sym = sympy.Symbol(name)
+            lit_s = ~sym if neg else sym
+            lit_m = _Expr.literal(name, neg)
+            if expr_s is None:
+                expr_s, expr_m = lit_s, lit_m
+            elif op:
+                expr_s, expr_m = expr_s & lit_s, _Expr.combine("and", expr_m, lit_m)
+            else:
+                expr_s, expr_m = expr_s | lit_s, _Expr.combine("or", expr_m, lit_m)
+        assert expr_m.text == str(expr_s)

@@ -42,6 +42,25 @@ def _check_no_nan(x: Tensor, what: str = "activations") -> None:
             )
 
 
+def _midranks_rows(xt: Tensor) -> tuple[Tensor, Tensor]:
+    """Midranks along the last dim of a ``(D, N)`` tensor (contiguous rows): ``(ranks (D, N) f64, tie (D,))``.
+
+    Group boundaries of the sorted rows give each position the first (``left``) and one-past-last
+    (``right``) index of its tie group via a running max / min; the midrank is ``(left + right + 1) / 2``.
+    """
+    d, n = xt.shape
+    srt, idx = torch.sort(xt, dim=1)
+    diff = srt[:, 1:] != srt[:, :-1]
+    edge = torch.ones(d, 1, dtype=torch.bool, device=xt.device)
+    ar = torch.arange(n, device=xt.device).expand(d, n)
+    left = torch.where(torch.cat([edge, diff], 1), ar, 0).cummax(1).values
+    right = torch.where(torch.cat([diff, edge], 1), ar + 1, n).flip(1).cummin(1).values.flip(1)
+    mid = (left + right + 1).to(torch.float64) / 2.0
+    ranks = torch.empty((d, n), dtype=torch.float64, device=xt.device).scatter_(1, idx, mid)
+    t = (right - left).to(torch.float64)
+    return ranks, (t * t - 1.0).sum(1)
+
+
 def midranks(x: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
     """Midranks (1-based, ties get the mean position) along ``dim`` and the tie term per column.
 
@@ -70,23 +89,14 @@ def midranks(x: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
     if x.is_complex():
         raise TypeError("Expected real-valued activations, but got a complex tensor.")
     _check_no_nan(x)
-    one_d = x.dim() == 1
-    xt = x.unsqueeze(1) if one_d else x.movedim(dim, 0)
-    if xt.dim() != 2:
+    if x.dim() == 1:
+        r, t = _midranks_rows(x[None, :].contiguous())
+        return r[0], t[0]
+    if x.dim() != 2:
         raise ValueError(f"Expected a 1-D or 2-D tensor, but got shape {tuple(x.shape)}.")
-    n = xt.shape[0]
-    srt, idx = torch.sort(xt, dim=0)
-    srt_t = srt.t().contiguous()
-    left = torch.searchsorted(srt_t, srt_t, side="left")
-    right = torch.searchsorted(srt_t, srt_t, side="right")
-    mid = (left + right + 1).to(torch.float64).t() / 2.0
-    ranks = torch.empty((n, xt.shape[1]), dtype=torch.float64, device=x.device)
-    ranks.scatter_(0, idx, mid)
-    t = (right - left).to(torch.float64)
-    tie = (t * t - 1.0).sum(dim=1)
-    if one_d:
-        return ranks[:, 0], tie[0]
-    return ranks.movedim(0, dim), tie
+    xt = x.movedim(dim, -1).contiguous()  # (D, N)
+    r, t = _midranks_rows(xt)
+    return r.movedim(-1, dim), t
 
 
 def _as_bool_target(target: Tensor) -> Tensor:
@@ -381,11 +391,10 @@ def _stable_first_k(keys: Tensor, k: int) -> Tensor:
     return sel[:, :k]
 
 
-def _atom_columns(cbool: Tensor, atoms: Tensor) -> Tensor:
-    """Truth vectors of atoms (any shape of indices in 0..2K-1) -> (N, *atoms.shape) bool."""
-    k = cbool.shape[1]
-    cols = cbool[:, atoms % k]
-    return cols ^ (atoms >= k)
+def _atom_rows(ct: Tensor, atoms: Tensor) -> Tensor:
+    """Truth vectors of atoms (indices in 0..2K-1, any shape) from ``ct`` (K, N) -> (*atoms.shape, N) bool."""
+    k = ct.shape[0]
+    return ct[atoms % k] ^ (atoms >= k).unsqueeze(-1)
 
 
 def _select_distinct(
@@ -396,7 +405,7 @@ def _select_distinct(
 ) -> Tensor:
     """First ``k`` entries per row by (key, index) whose truth vectors are distinct (infeasible = inf key).
 
-    ``vec_fn(rows, idx)`` returns the truth vectors ``(N, R, k')`` of entries ``idx`` (R, k') of rows
+    ``vec_fn(rows, idx)`` returns the truth vectors ``(R, k', N)`` of entries ``idx`` (R, k') of rows
     ``rows``; ``stats`` (D, M) is the count n1 of each entry (equal vectors have equal key and n1).
     Returns (D, k) indices with -1 where fewer than k feasible distinct entries exist.
     """
@@ -417,8 +426,8 @@ def _select_distinct(
         dup = torch.zeros_like(finite)
         if bool(eq.any()):
             r, i, j = eq.nonzero(as_tuple=True)
-            vec = vec_fn(rows, idx)  # (N, R, k')
-            same = (vec[:, r, i] == vec[:, r, j]).all(0)
+            vec = vec_fn(rows, idx)  # (R, k', N)
+            same = (vec[r, i] == vec[r, j]).all(-1)
             dup[r[same], j[same]] = True
         keep = finite & ~dup
         nkeep = keep.sum(1)
@@ -446,14 +455,16 @@ def beam_search(
     *,
     cache: dict[str, Tensor] | None = None,
     excluded: Tensor | None = None,
+    ranks_are_rows: bool = False,
 ) -> BeamTables:
     """Vectorised INVERT beam search for all units (columns of ``ranks``) at once.
 
     Args:
-        ranks: ``(N, D)`` float64 midranks (see :func:`midranks`).
+        ranks: ``(N, D)`` float64 midranks (see :func:`midranks`); ``(D, N)`` with ``ranks_are_rows``.
         concepts: ``(N, K)`` bool concept matrix on the same device.
         settings: resolved :class:`BeamSettings` (``compat="reference"`` or default semantics).
-        cache: optional dict holding ``"c64"`` / ``"c32"`` (float64 / float32 copies of ``concepts``).
+        cache: optional dict holding ``"c64"`` / ``"c32"`` (float64 / float32 copies of ``concepts``) and
+            ``"ct"`` (the transposed ``(K, N)`` bool matrix).
         excluded: ``(2K,)`` bool atoms excluded in default mode (constant / duplicate truth vectors);
             computed when ``None``.
 
@@ -470,34 +481,34 @@ def beam_search(
     st = settings
     if ranks.dtype != torch.float64:
         raise TypeError(f"Expected float64 ranks, but got {ranks.dtype}.")
-    dev = ranks.device
-    n_total, d_units = ranks.shape
+    rt = ranks.contiguous() if ranks_are_rows else ranks.t().contiguous()  # (D, N)
+    dev = rt.device
+    d_units, n_total = rt.shape
     k_conc = concepts.shape[1]
     b = st.beam_size
     ref = st.compat == "reference"
     positive = st.mode == "positive"
     cache = {} if cache is None else cache
-    c64 = cache.get("c64")
-    if c64 is None:
-        c64 = concepts.to(torch.float64)
-    c32 = cache.get("c32")
-    if c32 is None:
-        c32 = concepts.to(torch.float32)
+    c64 = cache["c64"] if "c64" in cache else concepts.to(torch.float64)
+    c32 = cache["c32"] if "c32" in cache else concepts.to(torch.float32)
+    ct = cache["ct"] if "ct" in cache else concepts.t().contiguous()
     tables = BeamTables(num_concepts=k_conc, num_samples=n_total)
+    inf = math.inf
+    zero64 = torch.zeros((), dtype=torch.float64, device=dev)
 
     with exact_matmul_context(dev):
-        # ---- atoms
-        s_pos = c64.t() @ ranks  # (K, D)
+        # ---- atoms: S = R C (D, K), one float64 GEMM
+        s_pos = rt @ c64
         assert s_pos.dtype == torch.float64
-        n_pos = concepts.sum(0).to(torch.float64)  # (K,)
+        n_pos = c32.sum(0).to(torch.float64)  # (K,)
         total = n_total * (n_total + 1) / 2.0
-        s_atom = torch.cat([s_pos, total - s_pos], 0)  # (2K, D)
+        s_atom = torch.cat([s_pos, total - s_pos], 1)  # (D, 2K)
         n_atom = torch.cat([n_pos, n_total - n_pos], 0)  # (2K,)
-        auc_atom = _auc_from_stats(s_atom, n_atom[:, None], n_total)
+        auc_atom = _auc_from_stats(s_atom, n_atom[None, :], n_total)  # (D, 2K)
         const_atom = (n_atom == 0) | (n_atom == n_total)
         if ref:
             fill = torch.cat([torch.zeros(k_conc, device=dev), torch.ones(k_conc, device=dev)]).to(torch.float64)
-            auc_atom = torch.where(const_atom[:, None], fill[:, None].expand_as(auc_atom), auc_atom)
+            auc_atom = torch.where(const_atom[None, :], fill[None, :], auc_atom)
             feas_atom = torch.cat(
                 [_feasible(n_pos, n_total, st), _feasible(n_pos, n_total, st, negated_atom_of=n_pos)]
             )
@@ -505,27 +516,25 @@ def beam_search(
             if excluded is None:
                 excluded = excluded_atoms(concepts)
             feas_atom = _feasible(n_atom, n_total, st) & ~excluded
-        auc_atom_t = auc_atom.t().contiguous()  # (D, 2K)
-        key_atom = -auc_atom_t if positive else auc_atom_t.clone()
-        key_atom = torch.where(torch.isnan(key_atom), torch.full_like(key_atom, math.inf), key_atom)
-        key_feas = torch.where(feas_atom[None, :], key_atom, torch.full_like(key_atom, math.inf))
+        key_atom = -auc_atom if positive else auc_atom
+        key_atom = torch.nan_to_num(key_atom, nan=inf)
+        key_feas = torch.where(feas_atom[None, :], key_atom, inf)
         n_tests = feas_atom.sum().to(torch.float64).expand(d_units).clone()
 
-        atom_ids = torch.arange(2 * k_conc, device=dev)
         if ref or not st.dedupe:
             sel = _stable_first_k(key_feas, b)
-            sel = torch.where(torch.isfinite(key_feas.gather(1, sel)), sel, torch.full_like(sel, -1))
+            sel = torch.where(torch.isfinite(key_feas.gather(1, sel)), sel, -1)
         else:
             sel = _select_distinct(
-                key_feas, b, lambda rows, idx: _atom_columns(concepts, idx), n_atom[None, :].expand_as(key_feas)
+                key_feas, b, lambda rows, idx: _atom_rows(ct, idx), n_atom[None, :].expand_as(key_feas)
             )
         if sel.shape[1] < b:
             sel = torch.cat([sel, torch.full((d_units, b - sel.shape[1]), -1, dtype=torch.long, device=dev)], 1)
         valid = sel >= 0
         sel0 = sel.clamp(min=0)
-        beam_s = torch.where(valid, s_atom.t().gather(1, sel0), torch.zeros((), dtype=torch.float64, device=dev))
-        beam_n = torch.where(valid, n_atom[sel0], torch.zeros((), dtype=torch.float64, device=dev))
-        beam_auc = auc_atom_t.gather(1, sel0)
+        beam_s = torch.where(valid, s_atom.gather(1, sel0), zero64)
+        beam_n = torch.where(valid, n_atom[sel0], zero64)
+        beam_auc = auc_atom.gather(1, sel0)
         beam_len = torch.ones_like(sel)
         _record(tables, sel0, sel0, torch.zeros_like(sel), valid, beam_s, beam_n, beam_auc, beam_len)
 
@@ -534,67 +543,54 @@ def beam_search(
             tables.best_stat = _best_stat(beam_auc, valid, positive)
             return tables
 
-        # ---- pool
-        diff = 2.0 * (0.5 - auc_atom_t).abs()
+        # ---- expansion pool (per unit)
+        diff = 2.0 * (0.5 - auc_atom).abs()
         if ref:
             order1 = torch.sort(key_atom, dim=1, stable=True).indices  # Lambda
-            d1 = diff.gather(1, order1)
-            order2 = torch.sort(-d1, dim=1, stable=True).indices
+            order2 = torch.sort(-diff.gather(1, order1), dim=1, stable=True).indices
             pool = order1.gather(1, order2)
             p_size = 2 * k_conc if st.limit_search is None else min(st.limit_search, 2 * k_conc)
         else:
-            avail = ~excluded
-            dd = torch.where(avail[None, :], -diff, torch.full_like(diff, math.inf))
-            dd = torch.where(torch.isnan(dd), torch.full_like(dd, math.inf), dd)
+            dd = torch.nan_to_num(torch.where(excluded[None, :], inf, -diff), nan=inf)
             pool = torch.sort(dd, dim=1, stable=True).indices
-            n_avail = int(avail.sum())
+            n_avail = int((~excluded).sum())
             p_size = n_avail if st.limit_search is None else min(st.limit_search, n_avail)
-        pool = pool[:, :p_size]  # (D, P)
+        pool = pool[:, :p_size].contiguous()  # (D, P)
+        s_a = s_atom.gather(1, pool)[:, None, :]  # (D, 1, P)
+        n_a = n_atom[pool][:, None, :]
 
-        # ---- current beam truth vectors (N, D, B)
-        phi = _atom_columns(concepts, sel0) & valid[None]
-        s_atom_t = s_atom.t()  # (D, 2K)
+        # ---- beam truth vectors (D, B, N)
+        phi = _atom_rows(ct, sel0) & valid[:, :, None]
         for step in range(2, st.max_length + 1):
             m = b
-            # GEMMs over base concepts
-            phir = (phi.to(torch.float64) * ranks[:, :, None]).reshape(n_total, d_units * m)
-            g_s = (c64.t() @ phir).reshape(k_conc, d_units, m)
+            phir = torch.where(phi, rt[:, None, :], zero64).reshape(d_units * m, n_total)  # (D*m, N) f64
+            g_s = (phir @ c64).reshape(d_units, m, k_conc)
             assert g_s.dtype == torch.float64
-            g_n = (c32.t() @ phi.reshape(n_total, d_units * m).to(torch.float32)).reshape(k_conc, d_units, m)
-            g_n = g_n.to(torch.float64)
-            g_s = g_s.permute(1, 2, 0)  # (D, m, K)
-            g_n = g_n.permute(1, 2, 0)
+            phi32 = phi.reshape(d_units * m, n_total).to(torch.float32)
+            g_n = (phi32 @ c32).to(torch.float64).reshape(d_units, m, k_conc)
             bs = beam_s[:, :, None]
             bn = beam_n[:, :, None]
-            s_and = torch.cat([g_s, bs - g_s], 2)  # (D, m, 2K)
-            n_and = torch.cat([g_n, bn - g_n], 2)
-            # reorder atoms into pool order
             pidx = pool[:, None, :].expand(d_units, m, p_size)
-            s_and = s_and.gather(2, pidx)
-            n_and = n_and.gather(2, pidx)
-            s_a = s_atom_t.gather(1, pool)[:, None, :]
-            n_a = n_atom[pool][:, None, :]
-            s_or = bs + s_a - s_and
-            n_or = bn + n_a - n_and
-            cand_s = torch.stack([s_and, s_or], 3)  # (D, m, P, 2)
-            cand_n = torch.stack([n_and, n_or], 3)
+            s_and = torch.cat([g_s, bs - g_s], 2).gather(2, pidx)  # (D, m, P) in pool order
+            n_and = torch.cat([g_n, bn - g_n], 2).gather(2, pidx)
+            cand_s = torch.stack([s_and, bs + s_a - s_and], 3)  # (D, m, P, 2): AND, OR
+            cand_n = torch.stack([n_and, bn + n_a - n_and], 3)
             feas = _feasible(cand_n, n_total, st) & valid[:, :, None, None]
             n_tests += feas.reshape(d_units, -1).sum(1).to(torch.float64)
             cand_auc = _auc_from_stats(cand_s, cand_n, n_total)
             if ref:
-                cand_auc = torch.where(torch.isnan(cand_auc), torch.zeros_like(cand_auc), cand_auc)
-            ck = -cand_auc if positive else cand_auc
-            ck = torch.where(feas, ck, torch.full_like(ck, math.inf)).reshape(d_units, -1)
-            old_k = torch.where(valid, -beam_auc if positive else beam_auc, torch.full_like(beam_auc, math.inf))
+                cand_auc = torch.nan_to_num(cand_auc, nan=0.0)
+            ck = torch.where(feas, -cand_auc if positive else cand_auc, inf).reshape(d_units, -1)
+            old_k = torch.where(valid, -beam_auc if positive else beam_auc, inf)
             keys = torch.cat([old_k, ck], 1)
             all_n = torch.cat([beam_n, cand_n.reshape(d_units, -1)], 1)
 
             def vec_fn(rows: Tensor, idx: Tensor, _phi: Tensor = phi, _m: int = m, _p: int = p_size) -> Tensor:
-                return _entry_vectors(_phi, concepts, pool, rows, idx, _m, _p)
+                return _entry_rows(_phi, ct, pool, rows, idx, _m, _p)
 
             if ref or not st.dedupe:
                 sel = _stable_first_k(keys, b)
-                sel = torch.where(torch.isfinite(keys.gather(1, sel)), sel, torch.full_like(sel, -1))
+                sel = torch.where(torch.isfinite(keys.gather(1, sel)), sel, -1)
             else:
                 sel = _select_distinct(keys, b, vec_fn, all_n)
             if sel.shape[1] < b:
@@ -604,18 +600,14 @@ def beam_search(
             is_old = sel0 < m
             t = (sel0 - m).clamp(min=0)
             slot = torch.where(is_old, sel0, t // (2 * p_size))
-            j = (t // 2) % p_size
+            atom = torch.where(is_old, -1, pool.gather(1, (t // 2) % p_size))
             op = t % 2
-            atom = torch.where(is_old, torch.full_like(sel0, -1), pool.gather(1, j))
-            all_s = torch.cat([beam_s, cand_s.reshape(d_units, -1)], 1)
-            all_auc = torch.cat([beam_auc, cand_auc.reshape(d_units, -1)], 1)
-            new_s = all_s.gather(1, sel0)
+            new_s = torch.cat([beam_s, cand_s.reshape(d_units, -1)], 1).gather(1, sel0)
             new_n = all_n.gather(1, sel0)
-            new_auc = all_auc.gather(1, sel0)
-            new_len = torch.where(is_old, beam_len.gather(1, slot), torch.full_like(slot, step))
-            # new truth vectors
+            new_auc = torch.cat([beam_auc, cand_auc.reshape(d_units, -1)], 1).gather(1, sel0)
+            new_len = torch.where(is_old, beam_len.gather(1, slot), step)
             rows = torch.arange(d_units, device=dev)
-            phi = _entry_vectors(phi, concepts, pool, rows, sel0, m, p_size) & valid_new[None]
+            phi = _entry_rows(phi, ct, pool, rows, sel0, m, p_size) & valid_new[:, :, None]
             _record(tables, slot, atom, op, valid_new, new_s, new_n, new_auc, new_len)
             beam_s, beam_n, beam_auc, beam_len, valid = new_s, new_n, new_auc, new_len, valid_new
 
@@ -630,20 +622,17 @@ def _best_stat(beam_auc: Tensor, valid: Tensor, positive: bool) -> np.ndarray:
     return s.cpu().numpy()
 
 
-def _entry_vectors(
-    phi: Tensor, concepts: Tensor, pool: Tensor, rows: Tensor, idx: Tensor, m: int, p_size: int
-) -> Tensor:
-    """Truth vectors (N, R, k') of competition entries ``idx`` (R, k') for units ``rows``."""
+def _entry_rows(phi: Tensor, ct: Tensor, pool: Tensor, rows: Tensor, idx: Tensor, m: int, p_size: int) -> Tensor:
+    """Truth vectors (R, k', N) of competition entries ``idx`` (R, k') of units ``rows``; ``phi`` is (D, m, N)."""
     is_old = idx < m
     t = (idx - m).clamp(min=0)
     slot = torch.where(is_old, idx, t // (2 * p_size))
-    j = (t // 2) % p_size
+    atom = pool[rows].gather(1, (t // 2) % p_size)
     op = t % 2
-    atom = pool[rows].gather(1, j)
-    parent = phi[:, rows[:, None].expand_as(slot), slot]  # (N, R, k')
-    acol = _atom_columns(concepts, atom)
-    res = torch.where(op[None] == 0, parent & acol, parent | acol)
-    return torch.where(is_old[None], parent, res)
+    parent = phi[rows[:, None].expand_as(slot), slot]  # (R, k', N)
+    acol = _atom_rows(ct, atom)
+    res = torch.where((op == 0)[..., None], parent & acol, parent | acol)
+    return torch.where(is_old[..., None], parent, res)
 
 
 def _record(tables: BeamTables, src, atom, op, valid, s, n, auc, length) -> None:  # noqa: ANN001
