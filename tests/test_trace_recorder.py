@@ -289,3 +289,34 @@ def test_conv_layer_completeness(tmp_path):
     res = reader.contributions(torch.randn(3, 2, 6, 6, dtype=torch.float64), "conv", model=model, return_vectors=True)
     torch.testing.assert_close(res.vectors.sum(1), res.delta_z, atol=1e-10, rtol=0)
     assert "conv (Conv2d, low_rank)" in reader.summary()
+
+
+def test_amp_grad_scaler_factors_unscaled_and_skipped_step(tmp_path):
+    """GradScaler: stored G carries the loss scale, κ divides it out; an inf step is skipped with no rows."""
+    torch.manual_seed(0)
+    model = MLP()
+    x, y = blobs(40, dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with TraceRecorder(model, ["fc2"], tmp_path, check_every_n_steps=1) as rec:
+        for step in range(6):
+            idx = torch.arange(step % 4 * 10, step % 4 * 10 + 10)
+            rec.begin_step(idx, step=step)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            if step == 3:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            before = scaler._scale.detach().clone()
+            rec.before_optimizer_step(opt, loss_scale=before)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            rec.end_step(stepped=scaler._scale >= before)
+    reader = TraceReader(tmp_path)
+    rep = reader.completeness()
+    assert rep.skipped_steps == [3]
+    assert rep.weight_error_rel["fc2"] < 1e-5, rep
+    steps = np.concatenate([b.rows["step"] for b in reader._blocks["fc2"]])
+    assert 3 not in steps.tolist() and len(steps) == 50
+    assert reader._steps[0]["amp_scale"][0] == 2.0**10
