@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -229,9 +229,6 @@ class EpochSampler(DistributedSampler):
         set_ds = getattr(self.dataset, "set_epoch", None)
         if callable(set_ds):
             set_ds(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return super().__iter__()
 
 
 def split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:

@@ -83,6 +83,7 @@ MIN_IMAGE_SIZE = 16
 SCALE_RANGE = (0.5, 1.0)
 SIZE_FACTOR = 0.3  # circumradius = scale * SIZE_FACTOR * image_size
 NOISE_MAX = 0.6
+_NOISE_TOP = round(NOISE_MAX * 255)  # brightest noise level (uint8)
 BINS: dict[str, tuple[tuple[float, ...], tuple[str, ...]]] = {
     # name: (inner edges, bin names)
     "scale": ((2 / 3, 5 / 6), ("small", "medium", "large")),
@@ -193,7 +194,7 @@ def _render_uint8(
         h = stream_hash(noise_key, index[rows][:, None], words[None, :])  # (M, ceil(S*S/4))
         shifts = torch.arange(0, 32, 8, device=dev)
         bytes_ = ((h[:, :, None] >> shifts) & 0xFF).flatten(1)[:, : s * s]
-        noise = (bytes_.to(torch.float32) * NOISE_MAX).to(torch.uint8)
+        noise = ((bytes_ * _NOISE_TOP) // 255).to(torch.uint8)  # integer maths: identical on every device
         background[rows] = noise.view(-1, 1, s, s)
     images = torch.where(mask[:, None], colour[:, :, None, None], background)
     return images, mask[:, None]
