@@ -672,11 +672,12 @@ class TraceReader:
                               digest_size=8).hexdigest()
         return self.cache_dir / f"aggregate_{layer.replace('/', '_')}_{key}.npy"
 
-    def aggregate(self, layer: str, *, out: str | os.PathLike | None = None, batch_rows: int = 65536,
-                  progress: bool = False) -> np.ndarray:
+    def aggregate(self, layer: str, *, out: str | os.PathLike | None = None, batch_rows: int = 8192,
+                  progress: bool = False, accumulate_dtype: torch.dtype = torch.float64) -> np.ndarray:
         """Per-example update sums ``A_i`` as an ``(N, numel(W) [+ D_out])`` float32 memmap (ids = ``example_ids``).
 
-        Cached in ``cache/`` keyed by the last complete step; ``out`` writes it to a chosen path instead.
+        Cached in ``cache/`` keyed by the last complete step; ``out`` writes it to a chosen path instead. The sums
+        accumulate in ``accumulate_dtype`` (float64 by default: N·(numel(W)+D_out)·8 bytes of memory).
         """
         layer = self._check_layer(layer)
         if self.mode != "representation":
@@ -686,13 +687,13 @@ class TraceReader:
             return np.load(path, mmap_mode="r")
         spec = self.layer_info[layer]
         width = int(np.prod(spec.weight_shape)) + (spec.out_features if spec.bias else 0)
-        agg = torch.zeros(self.num_examples, width, dtype=torch.float64, device=self.device)
+        agg = torch.zeros(self.num_examples, width, dtype=accumulate_dtype, device=self.device)
         for b, sel, rows, a, d, _ in self._iter_rows(layer, batch_rows, progress):
-            A, U = self._factors(b, sel, rows, a, d, dtype=torch.float64)
+            A, U = self._factors(b, sel, rows, a, d, dtype=accumulate_dtype)
             if self.factorization[layer] == "full":
-                vec = U.double()
+                vec = U
             else:
-                w, bb = per_example_grads(spec, A.double(), U.double())
+                w, bb = per_example_grads(spec, A, U)
                 vec = torch.cat([w.flatten(1)] + ([bb] if bb is not None else []), 1)
             agg.index_add_(0, self._id_index(rows["id"]), vec)
         path.parent.mkdir(parents=True, exist_ok=True)
