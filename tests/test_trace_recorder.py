@@ -320,3 +320,30 @@ def test_amp_grad_scaler_factors_unscaled_and_skipped_step(tmp_path):
     steps = np.concatenate([b.rows["step"] for b in reader._blocks["fc2"]])
     assert 3 not in steps.tolist() and len(steps) == 50
     assert reader._steps[0]["amp_scale"][0] == 2.0**10
+
+
+def test_inplace_relu_and_step_granularity(tmp_path):
+    class InplaceMLP(MLP):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU(inplace=True)
+
+    model, x, y, rec = train(dict(layers=["fc1", "fc2"], dtype="float64", check_every_n_steps=1), tmp_path,
+                             model=InplaceMLP().double(), epochs=2)
+    reader = TraceReader(tmp_path, dtype=torch.float64)
+    rep = reader.completeness()
+    assert rep.weight_error_abs["fc1"] < 1e-12 and rep.weight_error_abs["fc2"] < 1e-12, rep
+    xt = torch.randn(3, 8, dtype=torch.float64)
+    ex = reader.contributions(xt, "fc1", model=model)
+    st = reader.contributions(xt, "fc1", model=model, granularity="step")
+    assert st.score.shape == (3, 120) and st.step.shape == (120,)
+    per_id = torch.zeros(3, 60, dtype=torch.float64).index_add_(1, st.ids, st.score)
+    torch.testing.assert_close(per_id, ex.score, atol=1e-10, rtol=0)
+    # top-k by cosine / norm, and the weight-mismatch warning with reference="trace"
+    assert reader.top_k(ex, 3, by="cosine").ids.shape == (3, 3)
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+    with pytest.warns(UserWarning, match="reference='model'"):
+        reader.contributions(xt, "fc1", model=model)
+    dense = ex.to_dense(100)
+    assert dense.shape == (3, 100) and torch.all(dense[:, 60:] == 0)
