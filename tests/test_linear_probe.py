@@ -381,3 +381,35 @@ def test_callback_on_gpu_keeps_embeddings_on_device(cuda_device, tmp_path):
     trainer.fit(_Module(), datamodule=_DataModule())
     assert devices and set(devices) == {"cuda"}
     assert probe.results["linear_val_acc"] > 0.9
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+class _RanksAgree(pl.Callback):
+    """Runs after LinearProbe.on_train_end on every rank: do all ranks hold the same (non-empty) results?"""
+
+    def on_train_end(self, trainer, pl_module):
+        probe = next(cb for cb in trainer.callbacks if isinstance(cb, LinearProbe))
+        gathered = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, probe.results)
+        agree = bool(gathered[0]) and all(g == gathered[0] for g in gathered)
+        trainer.callback_metrics["ranks_agree"] = torch.tensor(float(agree))
+        trainer.callback_metrics["num_ranks"] = torch.tensor(float(len(gathered)))
+
+
+@pytest.mark.slow
+def test_callback_under_two_process_ddp(tmp_path):
+    """Rank zero computes, the result is broadcast: every rank ends with the same callback metrics."""
+    probe = LinearProbe(knn_k=5, progress_bar=False)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[probe, _RanksAgree()],
+        logger=CSVLogger(tmp_path, name="ddp"), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_Module(), datamodule=_DataModule())
+    # ddp_spawn copies rank zero's callback_metrics back to this process
+    assert float(trainer.callback_metrics["probe/linear_val_acc"]) > 0.9
+    assert float(trainer.callback_metrics["num_ranks"]) == 2 and float(trainer.callback_metrics["ranks_agree"]) == 1
+    files = list(Path(tmp_path).rglob("metrics.csv"))  # written by the spawned rank zero
+    assert len(files) == 1
+    rows = list(csv.DictReader(open(files[0])))
+    assert sum(1 for r in rows if r.get("probe/linear_val_acc")) == 1  # logged once (rank zero)
