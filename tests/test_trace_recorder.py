@@ -347,3 +347,14 @@ def test_inplace_relu_and_step_granularity(tmp_path):
         reader.contributions(xt, "fc1", model=model)
     dense = ex.to_dense(100)
     assert dense.shape == (3, 100) and torch.all(dense[:, 60:] == 0)
+
+
+def test_strided_recording_is_marked_approximate(tmp_path):
+    model, *_ = train(dict(layers=["fc2"], every_n_steps=2), tmp_path, epochs=2, sched=False)
+    reader = TraceReader(tmp_path)
+    assert reader.exact is False and any("strided" in a for a in reader.approximations)
+    steps = sorted({int(s) for b in reader._blocks["fc2"] for s in b.rows["step"]})
+    assert steps == [0, 2, 4, 6, 8, 10]
+    # weighted by n: the strided sum approximates the full update (same order of magnitude)
+    rep = reader.completeness()
+    assert rep.weight_error_rel["fc2"] < 1.0

@@ -76,7 +76,9 @@ class Contributions:
         delta_z: (M, *z); delta_z_norm: (M,); completeness_error: (M,) ``‖Σ_i c_i − Δz‖/‖Δz‖``.
         vectors: (M, N, *z) if requested.
         exact: whether the trace is an exact decomposition.
-        step_*: class_batches / granularity="step": per-step (or per-row) quantities.
+        step_*: class_batches / granularity="step": per-step (or per-row) quantities. In class_batches mode the
+            per-example ``score`` splits each step's score over its non-ghost members; per-example ``norm`` and
+            ``cosine`` are undefined there (NaN) — use ``step_norm`` / ``step_cosine``.
     """
 
     layer: str

@@ -165,6 +165,8 @@ class TraceRecorder:
         self.run_id = run_id or S.new_run_id()
         self.config = dict(config or {})
         self.approximations: list[str] = []
+        if every_n_steps > 1:
+            self.approximations.append(f"strided: every {every_n_steps}th step recorded, weighted by {every_n_steps}")
         self.segment = 0
         self.last_complete_step = 0
         self._resume: dict | None = None
@@ -277,6 +279,7 @@ class TraceRecorder:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             if self.rank == 0:
                 meta = self._trace_json()
+                meta["approximations"] = list(self.approximations)
                 meta["segments"].append({"segment": 0, "start_step": self._next_step})
                 S.atomic_torch_save(self.dirpath / "weights" / "initial.pt", self._weights_cpu())
                 S.atomic_write_json(meta_path, meta)
