@@ -462,3 +462,14 @@ def test_input_errors():
         relax(nan_enc, x, num_masks=100, num_cells=4)
     with pytest.raises(TypeError):
         relax(enc, x, num_mask=10)
+
+
+@pytest.mark.parametrize("shift,shape", [("reference", (30, 26)), ("rise", (20, 18))])
+def test_separable_render_matches_interpolate(shift, shape):
+    bank = MaskBank.sample(300, shape, num_cells=5, shift=shift, seed=0)
+    a = bank.render(0, 300)
+    b = bank.render(0, 300, method="separable")
+    assert (a - b).abs().max() <= 2e-7
+    a64 = bank.render(0, 300, dtype=torch.float64)
+    b64 = bank.render(0, 300, dtype=torch.float64, method="separable")
+    assert (a64 - b64).abs().max() <= 1e-14

@@ -204,6 +204,7 @@ class MaskBank:
         self.p_keep = float(p_keep)
         self.shift = shift
         self._sums: dict[str, tuple[Tensor, Tensor]] = {}
+        self._ops: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def sample(
@@ -268,13 +269,23 @@ class MaskBank:
         )
 
     def render(
-        self, start: int, stop: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self,
+        start: int,
+        stop: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        method: Literal["interpolate", "separable"] = "interpolate",
     ) -> Tensor:
         """Masks ``start:stop`` at full resolution, ``(stop - start, H, W)`` in [0, 1].
 
-        Interpolate -> reflect-pad -> crop, done as one ``F.interpolate`` and two gathers with reflected
-        indices (bit-identical to relax-xai's mask generator on the same device).
+        ``method="interpolate"``: interpolate -> reflect-pad -> crop, done as one ``F.interpolate`` and two
+        gathers with reflected indices (bit-identical to relax-xai's mask generator on the same device).
+        ``method="separable"``: ``M = L[sx] g L'[sy]^T``, two small batched matmuls (several times faster;
+        equal within ~1.2e-7 in float32, ~1e-16 in float64).
         """
+        if method not in ("interpolate", "separable"):
+            raise ValueError(f"Expected `method` to be 'interpolate' or 'separable', but got {method!r}.")
         dev = torch.device(device) if device is not None else self.grids.device
         g = self.grids[start:stop].to(device=dev, dtype=dtype)
         sh = self.shifts[start:stop].to(dev)
@@ -283,6 +294,13 @@ class MaskBank:
         s = self.num_cells
         if b == 0:
             return torch.empty(0, h, w, device=dev, dtype=dtype)
+        if method == "separable":
+            key = (str(dev), dtype)
+            if key not in self._ops:
+                self._ops[key] = _shift_operators(self, dev, dtype)
+            lr, lc = self._ops[key]
+            with _highest_matmul_precision(dev.type == "cuda" and dtype == torch.float32):
+                return torch.bmm(torch.bmm(lr[sh[:, 0]], g), lc[sh[:, 1]].transpose(1, 2))
         if self.shift == "reference":
             up = F.interpolate(g[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
             pad = s // 2
@@ -366,8 +384,9 @@ def sample_masks(
 
 
 class _BankSource:
-    def __init__(self, bank: MaskBank, limit: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, bank: MaskBank, limit: int, device: torch.device, dtype: torch.dtype, method: str) -> None:
         self.bank, self.limit, self.device, self.dtype, self.pos = bank, min(limit, len(bank)), device, dtype, 0
+        self.method = method
 
     def total(self) -> int | None:
         return self.limit
@@ -376,7 +395,7 @@ class _BankSource:
         if self.pos >= self.limit:
             return None
         stop = min(self.pos + n, self.limit)
-        out = self.bank.render(self.pos, stop, device=self.device, dtype=self.dtype)
+        out = self.bank.render(self.pos, stop, device=self.device, dtype=self.dtype, method=self.method)
         self.pos = stop
         return out
 
@@ -574,8 +593,8 @@ class _CellAcc:
         sh = self.bank.shifts[start:stop].to(self.device)
         bins = sh[:, 0] * self.nby + sh[:, 1]
         if self.S2 is not None:
-            m64 = m.reshape(m.shape[0], -1).to(self.dtype)
-            self.S2 += (m64 * m64).sum(0)
+            mf = m.reshape(m.shape[0], -1)
+            self.S2 += (mf * mf).sum(0).to(self.dtype)  # pairwise float32 sum per chunk, then float64
         dd = torch.stack([d, d * d])  # (2, ka, b)
         contrib = dd[..., None] * g  # (2, ka, b, s^2)
         if self.det:
@@ -640,6 +659,7 @@ _RELAX_ARGS = (
     "eval_mode",
     "pad_last_batch",
     "progress",
+    "render_method",
 )
 
 
@@ -683,6 +703,8 @@ class Relax:
         eval_mode: put the encoder in eval mode during the call (flags restored afterwards).
         pad_last_batch: pad the last forward to a fixed shape (compiled encoders, CUDA graphs).
         progress: show a tqdm progress bar.
+        render_method: how generated masks are rendered: ``"separable"`` (two small batched matmuls, fast;
+            within 1.2e-7 of relax-xai's float32 masks) or ``"interpolate"`` (bit-identical to relax-xai).
 
     Example:
         >>> from torch import nn
@@ -721,6 +743,7 @@ class Relax:
         eval_mode: bool = True,
         pad_last_batch: bool = False,
         progress: bool = False,
+        render_method: Literal["separable", "interpolate"] = "separable",
     ) -> None:
         if not callable(encoder):
             raise TypeError(f"Expected `encoder` to be an nn.Module or a callable, but got {type(encoder).__name__}.")
@@ -815,6 +838,9 @@ class Relax:
         self.eval_mode = eval_mode
         self.pad_last_batch = pad_last_batch
         self.progress = progress
+        if render_method not in ("separable", "interpolate"):
+            raise ValueError(f"Expected `render_method` to be 'separable' or 'interpolate', got {render_method!r}.")
+        self.render_method = render_method
         self.epsilon = _REFERENCE_EPS if mode == "reference" else 0.0
         self._bank_cache: dict[tuple[Any, ...], MaskBank] = {}
 
@@ -949,12 +975,12 @@ class Relax:
         bank: MaskBank | None = None
         if masks is None:
             bank = self.mask_bank(shape, device)
-            source: Any = _BankSource(bank, self.num_masks, device, mask_dtype)
+            source: Any = _BankSource(bank, self.num_masks, device, mask_dtype, self.render_method)
         elif isinstance(masks, MaskBank):
             if masks.shape != shape:
                 raise ValueError(f"Expected a MaskBank of shape {shape} matching the images, but got {masks.shape}.")
             bank = masks
-            source = _BankSource(masks, len(masks), device, mask_dtype)
+            source = _BankSource(masks, len(masks), device, mask_dtype, self.render_method)
         elif isinstance(masks, Tensor):
             source = _IterSource([masks], shape, device, mask_dtype)
             source._total = int(masks.shape[0]) if masks.ndim >= 3 else 1
@@ -968,8 +994,10 @@ class Relax:
             nbins = (bank.num_cells**2) if bank.shift == "reference" else math.prod(_rise_cell(shape, bank.num_cells))
             if self.accumulate_at == "cell" or (self.accumulate_at == "auto" and nbins <= source.limit / 4):
                 use_cell = True
-        # S2 is image-independent: from the bank's cache when the whole bank is used without early stopping
-        s2_from_bank = bank is not None and not early and source.limit == len(bank)
+        # S2 is image-independent: from the bank's cache when it is there and the whole bank is used
+        s2_from_bank = (
+            bank is not None and not early and source.limit == len(bank) and str(device) in bank._sums
+        )
         if use_cell:
             assert bank is not None
             accum: Any = _CellAcc(k_total, bank, acc, device, need_s2=not s2_from_bank)
