@@ -469,7 +469,7 @@ def test_separable_render_matches_interpolate(shift, shape):
     bank = MaskBank.sample(300, shape, num_cells=5, shift=shift, seed=0)
     a = bank.render(0, 300)
     b = bank.render(0, 300, method="separable")
-    assert (a - b).abs().max() <= 2e-7
+    assert (a - b).abs().max() <= 4e-7  # a few float32 ulps near 1
     a64 = bank.render(0, 300, dtype=torch.float64)
     b64 = bank.render(0, 300, dtype=torch.float64, method="separable")
     assert (a64 - b64).abs().max() <= 1e-14

@@ -282,7 +282,7 @@ class MaskBank:
         ``method="interpolate"``: interpolate -> reflect-pad -> crop, done as one ``F.interpolate`` and two
         gathers with reflected indices (bit-identical to relax-xai's mask generator on the same device).
         ``method="separable"``: ``M = L[sx] g L'[sy]^T``, two small batched matmuls (several times faster;
-        equal within ~1.2e-7 in float32, ~1e-16 in float64).
+        equal within ~3e-7 in float32, ~1e-16 in float64).
         """
         if method not in ("interpolate", "separable"):
             raise ValueError(f"Expected `method` to be 'interpolate' or 'separable', but got {method!r}.")
@@ -704,7 +704,7 @@ class Relax:
         pad_last_batch: pad the last forward to a fixed shape (compiled encoders, CUDA graphs).
         progress: show a tqdm progress bar.
         render_method: how generated masks are rendered: ``"separable"`` (two small batched matmuls, fast;
-            within 1.2e-7 of relax-xai's float32 masks) or ``"interpolate"`` (bit-identical to relax-xai).
+            within ~3e-7 (a few float32 ulps) of relax-xai's float32 masks) or ``"interpolate"`` (bit-identical to relax-xai).
 
     Example:
         >>> from torch import nn
