@@ -607,8 +607,8 @@ class ExplanationRegularization(Callback):
             if name.startswith(src + ".") or name == src:
                 continue
             leaves.append(mod)
-        if self.target_layer in modules and not list(modules[self.target_layer].children()):
-            pass
+        if self.attribute_to_source_input:
+            leaves.insert(0, modules[src])  # h is the input of the source module: the head starts with it
         if not leaves or len(leaves) > 64:
             return None
         head: Callable[[Tensor], Tensor]
