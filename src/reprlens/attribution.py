@@ -47,7 +47,7 @@ _IG_RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
 _BN_POLICIES = ("auto", "eval", "per_sample", "batch")
 _PATHS = ("auto", "factorized", "vmap", "loop", "batched")
 _REDUCTIONS = ("mean", "sum", "flatten")
-_CHUNK_BYTES = 64 * 2**20
+_CHUNK_BYTES = 16 * 2**20  # tuned on CPU by benchmarks/bench_captum.py (chunk 16 of 1 MiB cotangents)
 _NORMALIZATIONS = ("minmax", "max", "none")
 
 
@@ -512,20 +512,40 @@ def _func_grads(f: Callable[[Tensor], Tensor], h: Tensor, idx: Tensor | None, ch
     return g.movedim(0, 1), z
 
 
-def _per_sample_grads(f: Callable[[Tensor], Tensor], h: Tensor, idx: Tensor, k: int, chunk: int) -> Tensor:
-    basis = _basis(idx, k, h.dtype)
+@contextlib.contextmanager
+def _bn_as_instance_norm(bns: list[nn.Module], enabled: bool) -> Iterator[None]:
+    """Batch-of-one semantics for BN without running stats over positions: it equals instance norm."""
+    if not enabled:
+        yield
+        return
 
-    def one(h1: Tensor) -> Tensor:
-        _, fn = torch.func.vjp(lambda x: f(x.unsqueeze(0))[0], h1)
-        return torch.func.vmap(fn, chunk_size=chunk)(basis)[0]
+    def make(m: nn.Module) -> Callable[[Tensor], Tensor]:
+        def forward(x: Tensor) -> Tensor:
+            return nn.functional.instance_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
 
-    return torch.func.vmap(one)(h)
+        return forward
+
+    try:
+        for m in bns:
+            m.forward = make(m)
+        yield
+    finally:
+        for m in bns:
+            vars(m).pop("forward", None)
 
 
 class _Engine:
-    """Evaluates dz/dh for a head callable under a BN policy and a path."""
+    """Evaluates dz/dh for a head callable under a BN policy and a path, chunk by chunk over the dims."""
 
-    def __init__(self, f: Callable[[Tensor], Tensor], bns: list[nn.Module], policy: str, path: str, chunk_size: int | None, create_graph: bool):
+    def __init__(
+        self,
+        f: Callable[[Tensor], Tensor],
+        bns: list[nn.Module],
+        policy: str,
+        path: str,
+        chunk_size: int | None,
+        create_graph: bool,
+    ) -> None:
         self.f = f
         self.bns = bns
         self.policy = policy
@@ -533,28 +553,45 @@ class _Engine:
         self.chunk_size = chunk_size
         self.create_graph = create_graph
 
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        with _bn_eval(self.bns, self.policy == "eval"), _bn_as_instance_norm(self.bns, self.policy == "per_sample"):
+            yield
+
     def k(self, h: Tensor) -> int:
-        with torch.no_grad(), _bn_eval(self.bns, self.policy == "eval"):
+        with torch.no_grad(), self.context():
             return self.f(h[:1] if self.policy != "batch" else h).shape[1]
 
-    def grads(self, h: Tensor, idx: Tensor, k: int) -> Tensor:
+    def grads(
+        self, h: Tensor, idx: Tensor, k: int, post: Callable[[Tensor, Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """dz_k/dh for the dims ``idx`` as (N, K', *S), or ``post(g_chunk, idx_chunk)`` per chunk, concatenated
+        along dim 1 (keeps the peak memory at one chunk of raw gradients)."""
         numel = math.prod(h.shape[1:])
         chunk = _auto_chunk(idx.numel(), h.shape[0], numel, h.element_size(), self.chunk_size)
-        with _bn_eval(self.bns, self.policy == "eval"):
-            if self.policy == "per_sample":
-                return _per_sample_grads(self.f, h, idx, k, chunk)
+        pieces: list[Tensor] = []
+        with self.context():
             if self.path in ("loop", "batched"):
                 with torch.enable_grad():
                     hin = h if (self.create_graph and h.requires_grad) else h.detach().requires_grad_(True)
                     z = self.f(hin)
-                    return _graph_grads(z, hin, idx, self.create_graph, chunk, batched=self.path == "batched")
-            g, _ = _func_grads(self.f, h, idx, chunk)
-            return g
+                    for start in range(0, idx.numel(), chunk):
+                        sub = idx[start : start + chunk]
+                        g = _graph_grads(z, hin, sub, self.create_graph, chunk, batched=self.path == "batched")
+                        pieces.append(g if post is None else post(g, sub))
+            else:
+                z, vjp_fn = torch.func.vjp(self.f, h)
+                n = z.shape[0]
+                for start in range(0, idx.numel(), chunk):
+                    sub = idx[start : start + chunk]
+                    basis = _basis(sub, z.shape[1], z.dtype)[:, None, :].expand(-1, n, -1)
+                    (g,) = torch.func.vmap(vjp_fn)(basis)
+                    g = g.movedim(0, 1)
+                    pieces.append(g if post is None else post(g, sub))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
     def value(self, h: Tensor) -> Tensor:
-        with _bn_eval(self.bns, self.policy == "eval"):
-            if self.policy == "per_sample":
-                return torch.func.vmap(lambda x: self.f(x.unsqueeze(0))[0])(h)
+        with self.context():
             return self.f(h)
 
 
@@ -610,7 +647,7 @@ def layer_attributions(
         method: ``"grad"``, ``"grad_x_act"`` (default) or ``"integrated_gradients"`` (head callable only).
         dims: subset of target units (order kept), ints in ``[0, K)``; default all.
         create_graph: keep the result differentiable (for training with the maps).
-        chunk_size: cotangents per vmap chunk; default: largest with ``chunk*N*|S|*itemsize <= 64 MiB``.
+        chunk_size: cotangents per vmap chunk; default: largest with ``chunk*N*|S|*itemsize <= 16 MiB``.
         transform: ``None``/``"none"`` -> raw ``(N, K', *S)``; ``"abs"``, ``"lin"``, ``"sqrt"`` ->
             channel-aggregated ``(N, K', *P)`` (see :func:`aggregate_channels`).
         channel_dim: channel axis of the raw attributions (default 2 for conv sources).
@@ -712,6 +749,7 @@ def layer_attributions(
 
     engine_path = "vmap" if path in ("auto", "factorized") else path
     engine = _Engine(f, bns, policy, engine_path, chunk_size, create_graph)
+    aggregated = False
     with grad_ctx:
         if use_factorized:
             log.debug("layer_attributions: path=factorized method=%s bn=%s", method, policy)
@@ -723,9 +761,14 @@ def layer_attributions(
             if method == "integrated_gradients":
                 result = _ig_generic(engine, h, idx, k, source_baseline, n_steps, ig_rule, return_convergence_delta)
             else:
-                g = engine.grads(h, idx, k)
-                result = g * h.unsqueeze(1) if method == "grad_x_act" else g
-    done = use_factorized  # the factorised path returns channel-aggregated maps already
+
+                def post(g: Tensor, sub: Tensor) -> Tensor:
+                    phi = g * h.unsqueeze(1) if method == "grad_x_act" else g
+                    return phi if transform == "none" else aggregate_channels(phi, transform, channel_dim)
+
+                result = engine.grads(h, idx, k, post)
+                aggregated = True
+    done = use_factorized or aggregated  # these paths return channel-aggregated maps already
     if return_convergence_delta:
         phi, delta = result
         return _finish(phi, transform, channel_dim, out_dtype, check_finite, done), delta.to(out_dtype)
