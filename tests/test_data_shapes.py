@@ -467,7 +467,8 @@ def test_cuda_renders_the_same_images(cuda_device):
     # counter-based noise is bit-identical; masks may differ only at exact pixel-boundary ties
     assert (mask_cpu != mask_gpu.cpu()).sum() <= 5
     same = (mask_cpu == mask_gpu.cpu()).expand_as(img_cpu)
-    assert torch.equal(img_cpu[same], img_gpu.cpu()[same])
+    # the uint8 rendering is bit-identical; x / 255 itself may differ by 1 ulp between CPU and CUDA kernels
+    assert torch.equal((img_cpu[same] * 255).round(), (img_gpu.cpu()[same] * 255).round())
     lm = shape_landmarks(f.to(cuda_device), 32)
     torch.testing.assert_close(lm.cpu(), shape_landmarks(f, 32), equal_nan=True)
     v_cpu, _ = augment_batch(img_cpu, idx, key=1)
