@@ -74,7 +74,7 @@ def _instantiate_group(group: Any, key: str) -> list[Any]:
                 f"{conf!r}. Give it a `_target_`, or set `{key}.{name}=null` to leave it out."
             )
         log.info("Instantiating %s.%s <%s>", key, name, conf["_target_"])
-        objects.append(instantiate(conf))
+        objects.append(instantiate(conf, _convert_="all"))
     return objects
 
 
@@ -273,13 +273,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(int(cfg.seed), workers=True)
 
     log.info("Instantiating datamodule <%s>", cfg.data.get("_target_"))
-    datamodule = instantiate(cfg.data)
+    # _convert_="all": plain lists/dicts, so save_hyperparameters() keeps checkpoints loadable with
+    # torch.load(weights_only=True) (an omegaconf ListConfig in the hyper-parameters is not)
+    datamodule = instantiate(cfg.data, _convert_="all")
     log.info("Instantiating model <%s>", cfg.model.get("_target_"))
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer.get("_target_"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False, _convert_="all")
 
     if loggers:
         hparams = {
