@@ -413,3 +413,27 @@ def test_callback_under_two_process_ddp(tmp_path):
     assert len(files) == 1
     rows = list(csv.DictReader(open(files[0])))
     assert sum(1 for r in rows if r.get("probe/linear_val_acc")) == 1  # logged once (rank zero)
+
+
+# ------------------------------------------------------------------------------------------------ integration
+@pytest.mark.parametrize("model_name", ["simclr", "autoencoder"])
+def test_callback_with_shapes_datamodule_and_example_models(model_name, tmp_path):
+    data = pytest.importorskip("reprlens.data")
+    from reprlens.models import ConvAutoencoder, SimCLR
+
+    pl.seed_everything(0, verbose=False)
+    dm = data.ShapesDataModule(
+        num_train=64, num_val=32, num_test=32, batch_size=32, two_views=model_name == "simclr", seed=0,
+        image_size=16,
+    )
+    if model_name == "simclr":
+        model, probe = SimCLR(width=4, projector_hidden_dim=16, projector_out_dim=8), LinearProbe(knn_k=5)
+    else:
+        model = ConvAutoencoder(image_size=16, embedding_dim=6, num_classes=5, hidden_channels=(4, 8))
+        probe = LinearProbe(layer="encoder.fc", knn_k=5, probe="ridge")
+    probe.progress_bar = False
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[probe], limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    for key in ("linear_train_acc", "linear_val_acc", "linear_test_acc", "knn_val_acc", "knn_test_acc"):
+        assert 0.0 <= probe.results[key] <= 1.0
+    assert probe.results["linear_train_acc"] > 0.2  # 5 classes: above chance on the data it was fit on
