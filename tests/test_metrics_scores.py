@@ -160,7 +160,10 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
 
 def test_ddp_sync_two_processes(tmp_path):
     world_size = 2
-    mp.spawn(_ddp_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size, join=True)
+    # fork (Linux) avoids re-importing torch in the children; the workers use CPU tensors and gloo only
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size,
+                       join=True, start_method=method)
     maps, ref = _batches(5)
     expected_ns = informativeness(torch.cat(maps), ref)
     expected_vs = disentanglement(torch.cat(maps))
@@ -203,3 +206,15 @@ def test_log_from_lightning_module(tmp_path):
     (result,) = trainer.validate(Module(), loader, verbose=False)
     assert result["val/vs"] == pytest.approx(disentanglement(data.double()).item(), rel=1e-6)
     assert result["val/ns"] == pytest.approx(informativeness(data.double(), ref).item(), rel=1e-6)
+
+
+def test_metric_plot_over_epochs():
+    pytest.importorskip("matplotlib")
+    maps, _ = _batches(7)
+    metric = Disentanglement()
+    values = [metric(m) for m in maps]
+    fig, ax = metric.plot(values)
+    assert ax.get_ylim()[0] <= 0.0 and ax.get_ylim()[1] >= 0.25 - 1e-9  # plot bounds [0, 0.25]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -72,7 +72,7 @@ def _trainer(tmp_path, callbacks, *, trainer_cls=pl.Trainer, max_epochs=1, logge
 
 def _captum_maps(model: TinyNet, x: torch.Tensor, k: int = 5) -> torch.Tensor:
     """Independent oracle: Captum LayerGradientXActivation per target unit, |.| summed over channels."""
-    from captum.attr import LayerGradientXActivation
+    LayerGradientXActivation = pytest.importorskip("captum.attr").LayerGradientXActivation
 
     attr = LayerGradientXActivation(model, model.act2)
     return torch.stack([attr.attribute(x, target=j).abs().sum(1) for j in range(k)], dim=1)
@@ -345,14 +345,21 @@ def test_score_monitor_on_gpu_matches_cpu(tmp_path, cuda_device):
     torch.manual_seed(0)
     model = TinyNet()
     results = []
+    devices: list[str] = []
+
+    class Spy(pl.Callback):  # runs after the monitor: metrics live on the module's device during validation
+        def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs):
+            devices.extend(m.device.type for m in monitor.metrics.values())
+
     for accelerator in ("cpu", "gpu"):
+        devices.clear()
         monitor = ScoreMonitor("act2", "fc", num_noise=3, plot_every_n_epochs=1)
-        trainer = pl.Trainer(accelerator=accelerator, devices=1, callbacks=[monitor], logger=False,
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, callbacks=[monitor, Spy()], logger=False,
                              enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
                              default_root_dir=str(tmp_path / accelerator))
         (res,) = trainer.validate(model, val, verbose=False)
         results.append(res)
-        assert all(m.device.type == ("cuda" if accelerator == "gpu" else "cpu") for m in monitor.metrics.values())
+        assert devices and set(devices) == {"cuda" if accelerator == "gpu" else "cpu"}
     for key in ("val/informativeness", "val/disentanglement"):
         assert results[1][key] == pytest.approx(results[0][key], rel=1e-4)
     assert glob.glob(str(tmp_path / "gpu" / "figures" / "*.png"))

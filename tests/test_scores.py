@@ -531,3 +531,53 @@ def test_scores_on_cuda_match_cpu(cuda_device):
     leaf = cm.clone().requires_grad_(True)
     disentanglement(leaf).backward()
     assert torch.isfinite(leaf.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# property-based robustness: ties, constant rows, zeros, negative values, tiny and huge scales
+# ----------------------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _maps_strategy(draw):
+    n, k, p = draw(st.integers(1, 3)), draw(st.integers(2, 4)), draw(st.integers(1, 5))
+    values = st.sampled_from([0.0, 1.0, -1.0, 2.5, 1e-8, -3e4, 7.0])
+    flat = draw(st.lists(values, min_size=n * k * p, max_size=n * k * p))
+    scale = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e20]))
+    return torch.tensor(flat, dtype=D64).reshape(n, k, p) * scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps=_maps_strategy(), ref=_maps_strategy(), ddof=st.sampled_from([0, 1]))
+def test_property_finite_bounded_and_zero_nan_free_gradients(maps, ref, ddof):
+    ref = ref[:, : maps.shape[1]] if ref.shape[1] >= maps.shape[1] else maps.flip(0)
+    if ref.shape[2] != maps.shape[2]:
+        ref = maps.flip(0)
+    maps = maps.clone().requires_grad_(True)
+    ns = informativeness(maps, ref, reduction="none")
+    vs = disentanglement(maps, ddof=ddof, reduction="none")
+    k = maps.shape[1]
+    vs_max = 0.25 if ddof == 0 else (k / (4 * (k - 1)) if k % 2 == 0 else (k + 1) / (4 * k))
+    assert ((ns >= 0) & (ns <= 1)).all() and ((vs >= 0) & (vs <= vs_max + 1e-12)).all()
+    sim = map_similarity(maps)
+    assert ((sim >= -1e-12) & (sim <= 1 + 1e-12)).all()
+    (grad,) = torch.autograd.grad(ns.sum() + vs.sum() + sim.sum() + disentanglement_per_dim(maps).sum(), maps)
+    assert torch.isfinite(grad).all()
+
+
+def test_benchmark_smoke_correctness_gate():
+    """Tiny run of benchmarks/bench_scores.py: its correctness gate (ours == reference loop) must pass."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scores.py"
+    spec = importlib.util.spec_from_file_location("bench_scores", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.bench_scores(argparse.Namespace(small=True, pairs=1), torch.device("cpu"))
+    assert out["gate"]["ns"] == pytest.approx(out["gate"]["ns_loop"], rel=1e-10)
+    assert out["gate"]["vs"] == pytest.approx(out["gate"]["vs_loop"], rel=1e-10)

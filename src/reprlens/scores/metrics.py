@@ -7,6 +7,7 @@ rank. Use them for logging (``self.log("val/ns", metric)``); a training loss sho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -96,6 +97,18 @@ class Informativeness(Metric):
         """Mean NS over every sample seen (NaN before the first update, with torchmetrics' warning)."""
         return self.score_sum / self.num_samples
 
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
+        """Plot a value or a sequence of values (e.g. one per epoch) with matplotlib (torchmetrics ``_plot``).
+
+        Args:
+            val: a scalar tensor or a list of them; default ``compute()``.
+            ax: an existing matplotlib axis.
+
+        Returns:
+            ``(figure, axis)``.
+        """
+        return self._plot(val, ax)
+
 
 class Disentanglement(Metric):
     """Mean disentanglement score (VS) over all samples seen (see :func:`~reprlens.scores.disentanglement`).
@@ -173,3 +186,15 @@ class Disentanglement(Metric):
     def compute(self) -> Tensor:
         """Mean VS over every sample seen."""
         return self.score_sum / self.num_samples
+
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
+        """Plot a value or a sequence of values (e.g. one per epoch) with matplotlib (torchmetrics ``_plot``).
+
+        Args:
+            val: a scalar tensor or a list of them; default ``compute()``.
+            ax: an existing matplotlib axis.
+
+        Returns:
+            ``(figure, axis)``.
+        """
+        return self._plot(val, ax)
