@@ -136,7 +136,8 @@ def bench_t2(args) -> dict:
     out = {"config": {"K": k, "batch": n, "head": "B (conv 64-128, conv 128-128 s2, GAP, Linear)"}, "f": f,
            "bound": bound}
     variants = {
-        "exact_vmap": ExplanationRegularizer(0.1, 0.1, head=model.head, chunk_size=args.chunk),
+        "exact_auto": ExplanationRegularizer(0.1, 0.1, head=model.head, chunk_size=args.chunk),
+        "exact_vmap": ExplanationRegularizer(0.1, 0.1, head=model.head, chunk_size=args.chunk, path="vmap"),
         "exact_graph_loop": ExplanationRegularizer(0.1, 0.1),
         f"dim_subset_{args.m}": ExplanationRegularizer(0.1, 0.1, head=model.head, num_dims_sampled=args.m),
     }
