@@ -192,6 +192,21 @@ def test_schedule_max_batches_num_samples_and_images(tmp_path):
     assert calls == [(4, 3), (4, 2), (4, 3), (4, 2)]
 
 
+def test_extra_forwards_leave_batchnorm_buffers_and_grads_untouched():
+    torch.manual_seed(0)
+    model = TinyNet().train()  # even in train mode (a custom forward_fn could run it so)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monitor = ScoreMonitor("act2", "fc", num_noise=2)
+    x = torch.rand(4, 3, 6, 6)
+    maps = monitor._maps(model, x)
+    monitor._maps(model, monitor._noise_inputs(x))
+    assert maps.shape == (4, 5, 6, 6) and not maps.requires_grad
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())  # gradients w.r.t. activations only
+    assert model.training  # mode untouched
+
+
 def test_noise_reference_is_seeded_and_fixed():
     monitor = ScoreMonitor("act2", "fc", num_noise=5, seed=3)
     x = torch.stack([torch.rand(4, 6, 6) * 0.5, torch.rand(4, 6, 6) + 2.0, torch.rand(4, 6, 6) - 1.0], dim=1)

@@ -46,8 +46,8 @@ def _np_ns(maps, ref, reduce_dims="sum", normalize_dims=False, normalization="mi
     norm = _NP_NORM[normalization]
 
     def reduce(a):  # a: (K, L)
-        if normalize_dims:
-            a = np.stack([norm(row) for row in a])
+        if normalize_dims:  # per-dim min-max, independent of the final normalisation
+            a = np.stack([_np_minmax(row) for row in a])
         if reduce_dims == "sum":
             return a.sum(0)
         if reduce_dims == "abs":

@@ -178,9 +178,9 @@ def _informativeness_update(
     maps, reference_maps = _upcast(maps), _upcast(reference_maps)
     dtype = torch.promote_types(maps.dtype, reference_maps.dtype)
     maps, reference_maps = maps.to(dtype), reference_maps.to(dtype)
-    if normalize_dims:
-        maps = _normalize(maps, normalization, eps)
-        reference_maps = _normalize(reference_maps, normalization, eps)
+    if normalize_dims:  # per-dim min-max (spec 2.4), whatever the final `normalization`
+        maps = _normalize(maps, "minmax", eps)
+        reference_maps = _normalize(reference_maps, "minmax", eps)
     reduced = _reduce_dims(maps, reduce_dims, ddof)  # (N, *P)
     reference = _reduce_dims(reference_maps, reduce_dims, ddof).mean(dim=0, keepdim=True)  # (1, *P)
     norm = _normalize(reduced.unsqueeze(1), normalization, eps).flatten(1)  # (N, L)
@@ -220,7 +220,9 @@ def informativeness(
         reduce_dims: how dims are combined into one map per input: ``"sum"`` (:math:`\sum_k A`), ``"abs"``
             (:math:`\sum_k |A|`) or ``"var"`` (:math:`\mathrm{Var}_k A` with ``ddof``; the reference's
             dataset-drift variant).
-        normalize_dims: normalise each :math:`A_{n,k}` (same ``normalization``) before reducing dims.
+        normalize_dims: min-max normalise each :math:`A_{n,k}` over positions before reducing dims (the
+            reference's per-dim normalisation; independent of ``normalization``, which applies to the reduced
+            maps).
         normalization: ``"minmax"`` (default, bounded in [0, 1]), ``"max"`` (divide by the max; reference
             training path, unbounded for signed maps) or ``"none"``.
         eps: relative flatness threshold of the normalisation: maps with ``max - min <= eps * max|A|`` become 0.

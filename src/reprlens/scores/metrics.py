@@ -35,7 +35,7 @@ class Informativeness(Metric):
 
     Args:
         reduce_dims: ``"sum"``, ``"abs"`` or ``"var"``.
-        normalize_dims: normalise each dim's map before reducing dims.
+        normalize_dims: min-max normalise each dim's map before reducing dims.
         normalization: ``"minmax"``, ``"max"`` or ``"none"``.
         eps: flatness threshold of the normalisation.
         ddof: delta degrees of freedom for ``reduce_dims="var"``.
