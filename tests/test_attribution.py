@@ -502,6 +502,19 @@ def test_hand_built_cnn_exact_values():
     torch.testing.assert_close(
         layer_attributions(h, head, transform="lin").flatten(2), torch.tensor([[[1.0, 0.0], [1.0, -1.0]]], dtype=DT)
     )
+    # EG with identity backbone, zero background, sigma 0: x~ = t x, the relu gates do not change for t > 0,
+    # so EG = mean(t) * grad_x_act (half the IG value in expectation)
+
+    class Head(nn.Module):
+        def forward(self, s):
+            return head(s)
+
+    model = nn.Sequential(nn.Identity(), Head())
+    eg = LayerToLayerAttribution(model, "0", "1").attribute(
+        h, method="expected_gradients", n_samples=5, generator=torch.Generator().manual_seed(9)
+    )
+    _, d = expected_gradients_interpolants(h, None, 5, 0.0, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(eg, d["t"].mean() * expected_g * h.unsqueeze(1), rtol=0, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------------------- differentiability
