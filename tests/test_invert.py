@@ -534,3 +534,22 @@ def test_formula_strings_match_sympy():
             else:
                 expr_s, expr_m = expr_s | lit_s, _Expr.combine("or", expr_m, lit_m)
         assert expr_m.text == str(expr_s)
+
+
+@pytest.mark.gpu
+def test_cpu_and_gpu_tables_identical(fx, cuda_device):
+    a, cs = fx
+    for kw in (dict(), dict(compat="reference", min_fraction=0.002), dict(mode="negative", beam_size=5)):
+        cpu = Invert(cs, **kw).explain(a)
+        gpu = Invert(cs, **kw).explain(a.to(cuda_device))
+        assert gpu.formula == cpu.formula
+        assert np.array_equal(gpu.auc, cpu.auc) and np.array_equal(gpu.n_tests, cpu.n_tests)
+        np.testing.assert_allclose(gpu.log_p, cpu.log_p, rtol=1e-12)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.autocast("cuda", dtype=torch.float16):
+            amp = Invert(cs).explain(a.to(cuda_device))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    base = Invert(cs).explain(a)
+    assert amp.formula == base.formula and np.array_equal(amp.auc, base.auc)

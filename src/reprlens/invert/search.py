@@ -221,7 +221,8 @@ class Invert:
         alternative: ``"two-sided"``, ``"greater"`` (concept-positive samples larger) or ``"less"``.
         device: device when activations are not a tensor (default CPU).
         neuron_chunk: units per chunk (default: the largest within ``max_memory``).
-        max_memory: bytes per chunk (default 4 GiB on CPU, half the free CUDA memory).
+        max_memory: working bytes per unit chunk (default 2 GiB on CPU, half the free CUDA memory); the
+            concept caches (N x K as bool, float32 and float64) come on top.
 
     Example:
         >>> from reprlens.invert._fixtures import fx1
@@ -371,10 +372,12 @@ class Invert:
             free, _ = torch.cuda.mem_get_info(device)
             budget = free // 2
         else:
-            budget = 4 << 30
+            budget = 2 << 30  # working memory; the concept caches (N x K as bool, f32, f64) come on top
         b = self.settings.beam_size
         k2 = 2 * self.concepts.num_concepts
-        per_unit = n * (16 + b * 22) + k2 * b * 2 * 8 * 10
+        # ranks and sort temporaries (~60 B/sample), beam buffers (bool, f64, f32 and gathers: ~20 B per
+        # sample and slot), candidate tables (~12 float64 arrays of B x 2K x 2 per unit)
+        per_unit = n * (60 + b * 20) + k2 * b * 2 * 8 * 12
         return max(1, min(d, budget // max(per_unit, 1)))
 
     # ------------------------------------------------------------------------------------------------
