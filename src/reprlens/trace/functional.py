@@ -328,7 +328,10 @@ def apply_delta(module: nn.Module | LayerSpec, a_test: Tensor, dw: Tensor, db: T
     spec = layer_spec(module)
     r = dw.shape[0]
     if spec.kind == "Linear":
-        out = torch.einsum("m...d,rod->mr...o", a_test, dw)
+        if a_test.dim() == 2:  # one GEMM over the contiguous (R·O, D) deltas, no copy of the deltas
+            out = (dw.reshape(r * dw.shape[1], dw.shape[2]) @ a_test.T).reshape(r, dw.shape[1], -1).permute(2, 0, 1)
+        else:
+            out = torch.einsum("m...d,rod->mr...o", a_test, dw)
         if db is not None:
             shape = [1, r] + [1] * (a_test.dim() - 2) + [spec.out_features]
             out = out + db.reshape(shape)

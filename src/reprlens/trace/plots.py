@@ -141,7 +141,7 @@ def plot_top_examples(
             rows.append(("proponents" if tk.proponents else "opponents", items[s : s + ncols]))
     extra = 1 if test_image is not None else 0
     ncol = min(ncols, max((len(r[1]) for r in rows), default=1)) + extra
-    fig, axes = plt.subplots(len(rows) or 1, ncol, figsize=(1.5 * ncol, 1.75 * max(len(rows), 1)), squeeze=False)
+    fig, axes = plt.subplots(len(rows) or 1, ncol, figsize=(1.5 * ncol, 2.1 * max(len(rows), 1)), squeeze=False)
 
     def show(ax, img):
         img = torch.as_tensor(np.asarray(img)).float() if not isinstance(img, Tensor) else img.detach().float().cpu()
