@@ -66,11 +66,14 @@ def _default_inputs_fn(batch: Any) -> Tensor:
             return first
         if isinstance(first, (list, tuple)) and first and isinstance(first[0], Tensor):
             return first[0]
-    layout = f"dict with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else type(batch).__name__
+    if isinstance(batch, Mapping):
+        layout = f"dict with keys {sorted(map(str, batch))}"
+    else:
+        layout = type(batch).__name__
     raise TypeError(
-        f"ScoreMonitor cannot find the model inputs in a batch of type {layout}: expected a Tensor, a dict with "
-        "'image' (or 'views'), or a tuple/list whose first element is a Tensor or a list of views. Pass "
-        "`inputs_fn=lambda batch: ...` returning the tensor the model's forward takes."
+        f"ScoreMonitor cannot find the model inputs in a batch of type {layout}: expected a Tensor, a dict "
+        "with 'image' (or 'views'), or a tuple/list whose first element is a Tensor or a list of views. "
+        "Pass `inputs_fn=lambda batch: ...` returning the tensor the model's forward takes."
     )
 
 
@@ -118,14 +121,15 @@ class ScoreMonitor(Callback):
         num_samples: explain only the first ``num_samples`` rows of each batch (default all).
         num_noise: number of reference (noise) inputs for informativeness.
         noise: ``"uniform"`` (``U(lo_c, hi_c)`` with the per-channel min/max of the batch inputs; ``U(0, 1)``
-            for [0, 1] images), ``"gaussian"`` (per-channel mean/std), a fixed Tensor of reference inputs, or a
-            callable ``(inputs, generator) -> Tensor``.
+            for [0, 1] images), ``"gaussian"`` (per-channel mean/std), a fixed Tensor of reference inputs,
+            or a callable ``(inputs, generator) -> Tensor``.
         attribute_to_source_input: attribute to the first positional input of ``source_layer``.
         head: optional head ``h -> z`` re-evaluated at the captured source: a dotted module name or a
             callable ``(pl_module, h) -> z``. Without it the maps use the recorded graph.
         pooled_head: dotted name of the MLP applied after global average pooling of the source (fast path).
-        inputs_fn: ``batch -> Tensor`` of model inputs. Default: ``batch["image"]`` (else ``batch["views"][0]``)
-            for dicts, the batch for tensors, the first element (or first view) of tuples/lists.
+        inputs_fn: ``batch -> Tensor`` of model inputs. Default: ``batch["image"]`` (else
+            ``batch["views"][0]``) for dicts, the batch for tensors, the first element (or first view) of
+            tuples/lists.
         forward_fn: ``(pl_module, x) -> Any`` running the model (default ``pl_module(x)``).
         prefix: prefix of the logged metric names and the image tag.
         seed: seed of the noise generator.
@@ -138,8 +142,8 @@ class ScoreMonitor(Callback):
             ``{"chunk_size": 16}``).
 
     Raises:
-        ValueError / TypeError: invalid arguments (eagerly, in ``__init__``); unknown layer names (in ``setup``,
-            listing the closest names).
+        ValueError / TypeError: invalid arguments (eagerly, in ``__init__``); unknown layer names (in
+            ``setup``, listing the closest names).
         RuntimeError: validation under ``torch.inference_mode`` (``Trainer(inference_mode=True)``).
 
     Example:
@@ -178,17 +182,23 @@ class ScoreMonitor(Callback):
         super().__init__()
         for value, name in ((source_layer, "source_layer"), (target_layer, "target_layer")):
             if not isinstance(value, str) or not value:
-                raise TypeError(f"Expected argument `{name}` to be a dotted module name (str), but got {value!r}.")
+                raise TypeError(
+                    f"Expected argument `{name}` to be a dotted module name (str), but got {value!r}."
+                )
         if isinstance(scores, str):
             scores = (scores,)
         if not isinstance(scores, Sequence) or not scores or any(s not in _SCORES for s in scores):
-            raise ValueError(f"Expected argument `scores` to be a non-empty subset of {_SCORES}, but got {scores!r}.")
+            raise ValueError(
+                f"Expected argument `scores` to be a non-empty subset of {_SCORES}, but got {scores!r}."
+            )
         if len(set(scores)) != len(scores):
             raise ValueError(f"Expected argument `scores` to hold each score once, but got {scores!r}.")
         if method not in _METHODS:
             raise ValueError(f"Expected argument `method` to be one of {_METHODS}, but got {method!r}.")
         if transform not in _TRANSFORMS:
-            raise ValueError(f"Expected argument `transform` to be one of {_TRANSFORMS}, but got {transform!r}.")
+            raise ValueError(
+                f"Expected argument `transform` to be one of {_TRANSFORMS}, but got {transform!r}."
+            )
         check_positive_int(ddof, "ddof", minimum=0)
         check_positive_int(every_n_epochs, "every_n_epochs")
         check_positive_int(max_batches, "max_batches", allow_none=True)
@@ -200,30 +210,34 @@ class ScoreMonitor(Callback):
         if isinstance(noise, Tensor):
             if not noise.is_floating_point() or noise.ndim < 1 or noise.shape[0] < 1:
                 raise ValueError(
-                    "Expected a `noise` tensor to be a floating point batch of reference inputs (M, *input shape), "
-                    f"but got dtype {noise.dtype} and shape {tuple(noise.shape)}."
+                    "Expected a `noise` tensor to be a floating point batch of reference inputs (M, *input "
+                    f"shape), but got dtype {noise.dtype} and shape {tuple(noise.shape)}."
                 )
         elif not (callable(noise) or (isinstance(noise, str) and noise in _NOISE)):
             raise ValueError(
-                f"Expected argument `noise` to be one of {_NOISE}, a Tensor of reference inputs or a callable "
-                f"(inputs, generator) -> Tensor, but got {noise!r}."
+                f"Expected argument `noise` to be one of {_NOISE}, a Tensor of reference inputs or a "
+                f"callable (inputs, generator) -> Tensor, but got {noise!r}."
             )
         for fn, name in ((inputs_fn, "inputs_fn"), (forward_fn, "forward_fn")):
             if fn is not None and not callable(fn):
                 raise TypeError(f"Expected argument `{name}` to be callable, but got {type(fn).__name__}.")
         if head is not None and pooled_head is not None:
-            raise ValueError("Pass at most one of `head` (module name or callable) and `pooled_head` (module name).")
+            raise ValueError(
+                "Pass at most one of `head` (module name or callable) and `pooled_head` (module name)."
+            )
         if head is not None and not (isinstance(head, str) or callable(head)):
             raise TypeError(
-                f"Expected argument `head` to be a dotted module name or a callable (pl_module, h) -> z, but got "
-                f"{type(head).__name__}."
+                "Expected argument `head` to be a dotted module name or a callable (pl_module, h) -> z, but "
+                f"got {type(head).__name__}."
             )
         if pooled_head is not None and not isinstance(pooled_head, str):
-            raise TypeError(f"Expected argument `pooled_head` to be a dotted module name, but got {pooled_head!r}.")
+            raise TypeError(
+                f"Expected argument `pooled_head` to be a dotted module name, but got {pooled_head!r}."
+            )
         if method == "integrated_gradients" and head is None and pooled_head is None:
             raise ValueError(
-                "method='integrated_gradients' re-evaluates the head at interpolated source points: pass `head` "
-                "(dotted module name or callable (pl_module, h) -> z) or `pooled_head`."
+                "method='integrated_gradients' re-evaluates the head at interpolated source points: pass "
+                "`head` (dotted module name or callable (pl_module, h) -> z) or `pooled_head`."
             )
         if not isinstance(prefix, str):
             raise TypeError(f"Expected argument `prefix` to be a str, but got {type(prefix).__name__}.")
@@ -232,7 +246,9 @@ class ScoreMonitor(Callback):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
             raise ValueError(f"Expected argument `eps` to be a finite float >= 0, but got {eps!r}.")
         if attribution_kwargs is not None and not isinstance(attribution_kwargs, Mapping):
-            raise TypeError(f"Expected `attribution_kwargs` to be a mapping, but got {type(attribution_kwargs).__name__}.")
+            raise TypeError(
+                f"Expected `attribution_kwargs` to be a mapping, but got {type(attribution_kwargs).__name__}."
+            )
         self.source_layer = source_layer
         self.target_layer = target_layer
         self.scores = tuple(scores)
@@ -317,11 +333,15 @@ class ScoreMonitor(Callback):
             from reprlens.attribution import LayerToLayerAttribution
         except ImportError as err:  # pragma: no cover - depends on the state of reprlens.attribution
             raise NotImplementedError(
-                "ScoreMonitor(method='expected_gradients') needs reprlens.attribution.LayerToLayerAttribution, "
-                "which is not available in this version; use 'grad_x_act' or 'integrated_gradients'."
+                "ScoreMonitor(method='expected_gradients') needs "
+                "reprlens.attribution.LayerToLayerAttribution, which is not available in this version; use "
+                "'grad_x_act' or 'integrated_gradients'."
             ) from err
         return LayerToLayerAttribution(
-            pl_module, self.source_layer, self.target_layer, attribute_to_source_input=self.attribute_to_source_input,
+            pl_module,
+            self.source_layer,
+            self.target_layer,
+            attribute_to_source_input=self.attribute_to_source_input,
             head=self._head_fn,
         )
 
@@ -337,7 +357,9 @@ class ScoreMonitor(Callback):
         self._release()
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._release()
 
     def _release(self) -> None:
@@ -383,7 +405,9 @@ class ScoreMonitor(Callback):
             raise RuntimeError(_INFERENCE_ERROR)
         x = self.inputs_fn(batch)
         if not isinstance(x, Tensor):
-            raise TypeError(f"`inputs_fn` must return a Tensor of model inputs, but returned {type(x).__name__}.")
+            raise TypeError(
+                f"`inputs_fn` must return a Tensor of model inputs, but returned {type(x).__name__}."
+            )
         if self.num_samples is not None:
             x = x[: self.num_samples]
         if self._probe is None:
@@ -462,7 +486,12 @@ class ScoreMonitor(Callback):
             h = cap.get(self.source_layer)
             target = self._head_fn if self._head_fn is not None else cap.get(self.target_layer)
             maps = layer_attributions(
-                h, target, method=self.method, transform=self.transform, create_graph=False, **self.attribution_kwargs
+                h,
+                target,
+                method=self.method,
+                transform=self.transform,
+                create_graph=False,
+                **self.attribution_kwargs,
             )
         return maps.detach()
 
@@ -482,7 +511,9 @@ class ScoreMonitor(Callback):
         if callable(self.noise):
             out = self.noise(x, generator)
             if not isinstance(out, Tensor):
-                raise TypeError(f"The `noise` callable must return a Tensor, but returned {type(out).__name__}.")
+                raise TypeError(
+                    f"The `noise` callable must return a Tensor, but returned {type(out).__name__}."
+                )
             return out.to(x.device)
         xd = x.detach().float()
         shape = (self.num_noise, *x.shape[1:])
@@ -525,7 +556,8 @@ class ScoreMonitor(Callback):
         if variance is not None:
             cols.append("var over dims")
         return image_grid(rows, col_titles=cols, row_titles=[f"probe {i}" for i in range(len(rows))],
-                          suptitle=f"{self.source_layer} <- {self.target_layer} ({self.method}, {self.transform})")
+                          suptitle=f"{self.target_layer} -> {self.source_layer} maps "
+                                   f"({self.method}, {self.transform})")
 
 
 def _as_image(m: Tensor) -> Tensor:

@@ -65,12 +65,16 @@ def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
 
 def _check_bool(value: object, name: str) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"Expected argument `{name}` to be a bool, but got {type(value).__name__} ({value!r}).")
+        raise TypeError(
+            f"Expected argument `{name}` to be a bool, but got {type(value).__name__} ({value!r})."
+        )
 
 
 def _check_eps(eps: object) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= float(eps) < float("inf")):
-        raise ValueError(f"Expected argument `eps` to be a finite float >= 0 (default 1e-6), but got {eps!r}.")
+        raise ValueError(
+            f"Expected argument `eps` to be a finite float >= 0 (default 1e-6), but got {eps!r}."
+        )
 
 
 def _check_ddof(ddof: object) -> None:
@@ -84,21 +88,25 @@ def _check_maps(maps: object, name: str = "maps") -> None:
         raise TypeError(f"Expected argument `{name}` to be a torch.Tensor of shape (N, K, *P), but got "
                         f"{type(maps).__name__}.")
     if not maps.is_floating_point():
-        raise TypeError(f"Expected argument `{name}` to be a floating point tensor, but got dtype {maps.dtype}. "
-                        f"Convert it with `{name}.float()`.")
+        raise TypeError(
+            f"Expected argument `{name}` to be a floating point tensor, but got dtype {maps.dtype}. "
+            f"Convert it with `{name}.float()`."
+        )
     if maps.ndim < 3:
         raise ValueError(
-            f"Expected argument `{name}` to have shape (N, K, *P) with at least one position axis (ndim >= 3), "
-            f"but got shape {tuple(maps.shape)}. For vector features (no positions) add one with "
-            f"`{name}.unsqueeze(-1)`; maps from `layer_attributions` need a `transform` to aggregate channels."
+            f"Expected argument `{name}` to have shape (N, K, *P) with at least one position axis (ndim >= "
+            f"3), but got shape {tuple(maps.shape)}. For vector features (no positions) add one with "
+            f"`{name}.unsqueeze(-1)`; maps from `layer_attributions` need a `transform` to aggregate "
+            "channels."
         )
     if maps.numel() == 0:
         raise ValueError(f"Expected argument `{name}` to hold at least one sample, dim and position, but got "
                          f"shape {tuple(maps.shape)}.")
     if not bool(torch.isfinite(maps).all()):
         raise ValueError(
-            f"Expected argument `{name}` to be finite, but it contains NaN or Inf values. Check the model and the "
-            "attribution (e.g. exploding activations, fp16 overflow); the scores are undefined for such maps."
+            f"Expected argument `{name}` to be finite, but it contains NaN or Inf values. Check the model "
+            "and the attribution (e.g. exploding activations, fp16 overflow); the scores are undefined for "
+            "such maps."
         )
 
 
@@ -146,13 +154,14 @@ def _informativeness_tensor_validation(
     _check_maps(reference_maps, "reference_maps")
     if maps.shape[1:] != reference_maps.shape[1:]:
         raise ValueError(
-            "Expected `maps` (N, K, *P) and `reference_maps` (M, K, *P) to agree in every axis but the first, but "
-            f"got shapes {tuple(maps.shape)} and {tuple(reference_maps.shape)}. Compute both with the same layers, "
-            "dims and transform."
+            "Expected `maps` (N, K, *P) and `reference_maps` (M, K, *P) to agree in every axis but the "
+            f"first, but got shapes {tuple(maps.shape)} and {tuple(reference_maps.shape)}. Compute both with "
+            "the same layers, dims and transform."
         )
     if reduce_dims == "var" and maps.shape[1] <= ddof:
         raise ValueError(
-            f"`reduce_dims='var'` with ddof={ddof} needs more than {ddof} target dims, but got K={maps.shape[1]}."
+            f"`reduce_dims='var'` with ddof={ddof} needs more than {ddof} target dims, but got "
+            f"K={maps.shape[1]}."
         )
 
 
@@ -225,7 +234,8 @@ def informativeness(
             maps).
         normalization: ``"minmax"`` (default, bounded in [0, 1]), ``"max"`` (divide by the max; reference
             training path, unbounded for signed maps) or ``"none"``.
-        eps: relative flatness threshold of the normalisation: maps with ``max - min <= eps * max|A|`` become 0.
+        eps: relative flatness threshold of the normalisation: maps with ``max - min <= eps * max|A|``
+            become 0.
         ddof: delta degrees of freedom of ``reduce_dims="var"``.
         reduction: ``"mean"`` over samples (scalar), ``"sum"`` or ``"none"`` (``(N,)``).
         validate_args: check arguments and tensors (shapes, dtype, finiteness). ``False`` skips the checks
@@ -250,7 +260,9 @@ def informativeness(
     if validate_args:
         _informativeness_arg_validation(reduce_dims, normalize_dims, normalization, eps, ddof, reduction)
         _informativeness_tensor_validation(maps, reference_maps, reduce_dims, ddof)
-    scores = _informativeness_update(maps, reference_maps, reduce_dims, normalize_dims, normalization, eps, ddof)
+    scores = _informativeness_update(
+        maps, reference_maps, reduce_dims, normalize_dims, normalization, eps, ddof
+    )
     return _informativeness_compute(scores, reduction)
 
 
@@ -262,7 +274,8 @@ def _informativeness_per_dim_update(
     dtype = torch.promote_types(maps.dtype, reference_maps.dtype)
     maps, reference_maps = maps.to(dtype), reference_maps.to(dtype)
     norm = _normalize(maps, normalization, eps).flatten(2)  # (N, K, L)
-    norm_ref = _normalize(reference_maps.mean(dim=0, keepdim=True), normalization, eps).flatten(2)  # (1, K, L)
+    reference = reference_maps.mean(dim=0, keepdim=True)
+    norm_ref = _normalize(reference, normalization, eps).flatten(2)  # (1, K, L)
     return (norm - norm_ref).abs().mean(dim=2)
 
 
@@ -327,23 +340,26 @@ def _disentanglement_arg_validation(
         isinstance(num_dims_total, bool) or not isinstance(num_dims_total, int) or num_dims_total < 2
     ):
         raise ValueError(
-            f"Expected argument `num_dims_total` to be None or the total number of dims K >= 2 the subset was "
-            f"drawn from, but got {num_dims_total!r}."
+            "Expected argument `num_dims_total` to be None or the total number of dims K >= 2 the subset "
+            f"was drawn from, but got {num_dims_total!r}."
         )
     if num_dims_total is not None and num_dims_total <= ddof:
         raise ValueError(f"Expected `num_dims_total` > ddof={ddof}, but got {num_dims_total}.")
     _check_choice(reduction, "reduction", _REDUCTIONS)
 
 
-def _disentanglement_tensor_validation(maps: Tensor, ddof: int = 0, num_dims_total: int | None = None) -> None:
+def _disentanglement_tensor_validation(
+    maps: Tensor, ddof: int = 0, num_dims_total: int | None = None
+) -> None:
     _check_maps(maps, "maps")
     k = maps.shape[1]
     if k < 2:
         raise ValueError(f"disentanglement needs at least 2 target dims, got K={k}")
     if num_dims_total is not None and k > num_dims_total:
         raise ValueError(
-            f"Expected the subset of dims in `maps` (K'={k}) to be at most `num_dims_total`={num_dims_total}. "
-            "Pass the size of the full set of dims the subset was drawn from."
+            f"Expected the subset of dims in `maps` (K'={k}) to be at most "
+            f"`num_dims_total`={num_dims_total}. Pass the size of the full set of dims the subset was drawn "
+            "from."
         )
     if num_dims_total is None and k <= ddof:
         raise ValueError(f"disentanglement with ddof={ddof} needs more than {ddof} target dims, got K={k}")
@@ -410,7 +426,8 @@ def disentanglement(
 
     Args:
         maps: ``(N, K, *P)`` attribution maps.
-        normalize: min-max normalise each map over positions first (:func:`~reprlens.attribution.normalize_maps`).
+        normalize: min-max normalise each map over positions first
+            (:func:`~reprlens.attribution.normalize_maps`).
         ddof: delta degrees of freedom of the variance over dims (0: population variance).
         eps: flatness threshold of the normalisation.
         spatial_reduction: ``"mean"`` over positions (default), ``"var"`` (variance over positions with the
@@ -460,7 +477,8 @@ def disentanglement_per_dim(
 
     :math:`D_{n,k} = \mathrm{mean}_p (\mathcal{N}(A_{n,k})(p) - \bar A_n(p))^2` with
     :math:`\bar A_n = \mathrm{mean}_k \mathcal{N}(A_{n,k})`, so that ``mean_k D[n, k]`` equals
-    :func:`disentanglement` with ``ddof=0`` for sample ``n``. Small ``D`` marks a dim close to the average map.
+    :func:`disentanglement` with ``ddof=0`` for sample ``n``. Small ``D`` marks a dim close to the average
+    map.
 
     Args:
         maps: ``(N, K, *P)`` attribution maps, ``K >= 2``.
@@ -496,7 +514,9 @@ def _safe_unit(vectors: Tensor) -> Tensor:
     return torch.where(valid, vectors / norm, torch.zeros_like(vectors))
 
 
-def map_similarity(maps: Tensor, *, normalize: bool = True, eps: float = 1e-6, validate_args: bool = True) -> Tensor:
+def map_similarity(
+    maps: Tensor, *, normalize: bool = True, eps: float = 1e-6, validate_args: bool = True
+) -> Tensor:
     """Cosine similarity between the (normalised) maps of every pair of dims, per sample.
 
     ``S[n, i, j] = <N(A_{n,i}), N(A_{n,j})> / (|N(A_{n,i})| |N(A_{n,j})|)``. Redundant dims have similarity

@@ -88,7 +88,8 @@ class Informativeness(Metric):
         if self.validate_args:
             _informativeness_tensor_validation(maps, reference_maps, self.reduce_dims, self.ddof)
         scores = _informativeness_update(
-            maps, reference_maps, self.reduce_dims, self.normalize_dims, self.normalization, self.eps, self.ddof
+            maps, reference_maps, self.reduce_dims, self.normalize_dims, self.normalization, self.eps,
+            self.ddof,
         )
         self.score_sum += scores.sum()
         self.num_samples += scores.shape[0]
@@ -159,8 +160,9 @@ class Disentanglement(Metric):
         _disentanglement_arg_validation(normalize, ddof, eps, spatial_reduction, num_dims_total, "mean")
         if spatial_reduction == "none":
             raise ValueError(
-                "Expected argument `spatial_reduction` to be 'mean' or 'var' for the Disentanglement metric, but got "
-                "'none'. Use `reprlens.scores.disentanglement(..., spatial_reduction='none')` for variance maps."
+                "Expected argument `spatial_reduction` to be 'mean' or 'var' for the Disentanglement "
+                "metric, but got 'none'. Use `reprlens.scores.disentanglement(..., "
+                "spatial_reduction='none')` for variance maps."
             )
         if not isinstance(validate_args, bool):
             raise TypeError(f"Expected argument `validate_args` to be a bool, but got {validate_args!r}.")
