@@ -57,7 +57,8 @@ def abab(baseline: Callable[[], Any], variant: Callable[[], Any], *, pairs: int,
         tv.append(b)
         ratios.append(b / max(a, 1e-12))
     out = {"baseline_s": statistics.median(tb), "variant_s": statistics.median(tv),
-           "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "pairs": pairs}
+           "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+           "pairs": pairs}
     if device.type == "cuda":
         out["max_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
@@ -143,10 +144,10 @@ def bench_monitor(args: argparse.Namespace, device: torch.device) -> dict[str, A
                 monitor.metrics["disentanglement"].update(maps)
 
         k = ref_maps.shape[1]
-        results[source] = {"K": k, "maps_shape": list(ref_maps.shape), **abab(plain, monitored, pairs=args.pairs,
-                                                                               device=device)}
-    return {"config": {"model": "SimCLR(width=16)", "batch": batch, "input": "3x32x32", "target": "backbone.pool"},
-            "results": results}
+        timing = abab(plain, monitored, pairs=args.pairs, device=device)
+        results[source] = {"K": k, "noise_maps_shape": list(ref_maps.shape), **timing}
+    config = {"model": "SimCLR(width=16)", "batch": batch, "input": "3x32x32", "target": "backbone.pool"}
+    return {"config": config, "results": results}
 
 
 def main() -> None:
