@@ -171,6 +171,35 @@ def test_run_in_process_with_test_stage(tmp_path):
     assert _last_logged(tmp_path / "run" / "csv" / "metrics.csv", "test/acc") == pytest.approx(metrics["test/acc"])
 
 
+def test_run_rejects_bad_configs_and_ddp_inside_a_sweep(tmp_path):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from reprlens.cli import run
+
+    with pytest.raises(TypeError, match="DictConfig"):
+        run({"data": {}})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\['model', 'trainer'\] are missing"):
+        run(OmegaConf.create({"data": {"_target_": "x"}}))
+    GlobalHydra.instance().clear()
+    with initialize_config_module("reprlens.conf", version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["trainer=ddp", "hydra.mode=MULTIRUN", "logger=none", "callbacks=none", "data.num_train=8",
+                       f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with pytest.raises(RuntimeError, match=r"multirun.*start_method=spawn"):
+            run(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 def test_report_not_implemented_yet(tmp_path, capsys):
     pytest.importorskip("reprlens.cli")
     try:

@@ -213,3 +213,40 @@ def test_user_app_composes_reprlens_configs(tmp_path):
     assert set(cfg.callbacks) >= {"model_checkpoint", "linear_probe"}  # reprlens' group
     assert cfg.callbacks.model_checkpoint.dirpath == f"{tmp_path}/out/checkpoints"
     assert cfg.trainer.strategy.process_group_backend == "gloo"
+
+
+SMALL_DATA = {
+    "shapes": ["data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=8"],
+    "digits": ["data.batch_size=8"],
+}
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+@pytest.mark.parametrize("data", sorted(SMALL_DATA))
+@pytest.mark.parametrize("model", ["simclr", "autoencoder", "classifier"])
+def test_every_data_model_pair_trains_one_step(data, model, tmp_path):
+    """data_info/model_info keep channels, classes and two-view batches consistent for every pair."""
+    cfg = _compose([f"data={data}", f"model={model}", *SMALL_DATA[data]], tmp_path)
+    dm = instantiate(cfg.data, _convert_="all")
+    net = instantiate(cfg.model, _convert_="all")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape[1] == cfg.data_info.channels == cfg.model.in_channels
+    assert ("views" in batch) == (model == "simclr")
+    assert int(batch["label"].max()) < cfg.data_info.num_classes == dm.num_classes
+    loss = net.training_step(batch, 0)
+    loss = loss["loss"] if isinstance(loss, dict) else loss
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_builds_its_model_and_data(experiment, tmp_path):
+    cfg = _compose([f"experiment={experiment}"], tmp_path)
+    net = instantiate(cfg.model, _convert_="all")
+    dm = instantiate(cfg.data, _convert_="all")
+    x = torch.rand(2, *dm.image_shape)
+    assert x.shape[1] == cfg.model.in_channels
+    out = net(x)
+    assert out.shape[0] == 2 and torch.isfinite(out).all()

@@ -224,19 +224,35 @@ def _optimized_value(cfg: DictConfig, metrics: Mapping[str, float]) -> float | N
             f"optimized_metric={name!r} was not logged; the run logged {sorted(metrics)}. Set "
             "`optimized_metric=<one of them>` (or null), or enable the callback that logs it."
         )
-        mode = None
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            if HydraConfig.initialized():
-                mode = str(HydraConfig.get().mode)
-        except Exception:  # pragma: no cover
-            mode = None
-        if mode is not None and mode.endswith("MULTIRUN"):
+        if _hydra_mode() == "MULTIRUN":
             raise ValueError(msg)  # a sweeper needs the value
         log.warning(msg)
         return None
     return metrics[name]
+
+
+def _hydra_mode() -> str | None:
+    """``"RUN"`` / ``"MULTIRUN"`` inside a Hydra job, None outside one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return str(HydraConfig.get().mode).rsplit(".", 1)[-1]
+    except Exception:  # pragma: no cover - Hydra internals
+        return None
+    return None
+
+
+def _check_launcher(trainer: Any) -> None:
+    """Lightning's script launcher (strategy="ddp") re-runs ``sys.argv``: it cannot work inside a sweep."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if type(launcher).__name__ == "_SubprocessScriptLauncher" and _hydra_mode() == "MULTIRUN":
+        raise RuntimeError(
+            "trainer=ddp (strategy 'ddp') cannot run inside a multirun (-m): Lightning's DDP launcher re-runs the "
+            "whole command line in each worker, which would start the sweep again. Run the DDP jobs one at a time "
+            "(without -m), or add `+trainer.strategy.start_method=spawn` (strategy 'ddp_spawn': workers started "
+            "with multiprocessing) to the sweep."
+        )
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -282,6 +298,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer.get("_target_"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False, _convert_="all")
+
+    _check_launcher(trainer)
 
     if loggers:
         hparams = {
