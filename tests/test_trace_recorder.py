@@ -358,3 +358,24 @@ def test_strided_recording_is_marked_approximate(tmp_path):
     # weighted by n: the strided sum approximates the full update (same order of magnitude)
     rep = reader.completeness()
     assert rep.weight_error_rel["fc2"] < 1.0
+
+
+def test_bf16_autocast_factor_check_tolerance(tmp_path):
+    """bf16 autocast on CPU: the factor check uses a bf16 tolerance; completeness holds to bf16 accuracy."""
+    torch.manual_seed(0)
+    model = MLP()
+    x, y = blobs(40, dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TraceRecorder(model, ["fc2"], tmp_path, check_every_n_steps=1) as rec:
+        for step in range(4):
+            idx = torch.arange(step * 10, step * 10 + 10)
+            rec.begin_step(idx, step=step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x[idx]).float(), y[idx])
+            loss.backward()
+            rec.before_optimizer_step(opt)
+            opt.step()
+            opt.zero_grad()
+            rec.end_step()
+    rep = TraceReader(tmp_path).completeness()
+    assert rep.weight_error_rel["fc2"] < 2e-2, rep
