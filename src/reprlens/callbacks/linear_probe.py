@@ -75,7 +75,10 @@ def _pool(out: Any) -> Tensor:
 
 def _check_xy(x: Tensor, y: Tensor, name: str) -> None:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(f"Expected `{name}_x` and `{name}_y` to be tensors, but got {type(x).__name__}, {type(y).__name__}.")
+        raise TypeError(
+            f"Expected `{name}_x` and `{name}_y` to be tensors, but got {type(x).__name__} and "
+            f"{type(y).__name__}."
+        )
     if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"Expected `{name}_x` of shape (N, D) and `{name}_y` of shape (N,), but got {tuple(x.shape)} and "
@@ -155,7 +158,8 @@ def collect_embeddings(
             pass
         if total is not None and max_batches is not None:
             total = min(total, max_batches)
-        for i, batch in enumerate(tqdm(dataloader, desc=desc, total=total, disable=not progress_bar, leave=False)):
+        bar = tqdm(dataloader, desc=desc, total=total, disable=not progress_bar, leave=False)
+        for i, batch in enumerate(bar):
             if max_batches is not None and i >= max_batches:
                 break
             x, y = _unpack(batch)
@@ -171,7 +175,9 @@ def collect_embeddings(
                 captured.clear()
                 model(x)
                 if not captured:
-                    raise RuntimeError(f"Layer {layer!r} was not called during model(x); pick a layer on the forward path.")
+                    raise RuntimeError(
+                        f"Layer {layer!r} was not called during model(x); pick a layer on the forward path."
+                    )
                 emb = captured[0]
             else:
                 emb = _pool(model(x))
@@ -226,7 +232,9 @@ def knn_predict(
     """
     _check_xy(train_x, train_y, "train")
     if query_x.dim() != 2 or query_x.shape[1] != train_x.shape[1]:
-        raise ValueError(f"Expected `query_x` of shape (M, {train_x.shape[1]}), but got {tuple(query_x.shape)}.")
+        raise ValueError(
+            f"Expected `query_x` of shape (M, {train_x.shape[1]}), but got {tuple(query_x.shape)}."
+        )
     check_positive_int(k, "k")
     check_positive_int(chunk_size, "chunk_size")
     if weights not in _KNN_WEIGHTS:
@@ -234,6 +242,11 @@ def knn_predict(
     if temperature <= 0:
         raise ValueError(f"Expected `temperature` > 0, but got {temperature!r}.")
     c = int(num_classes) if num_classes is not None else int(train_y.max()) + 1
+    if int(train_y.min()) < 0 or int(train_y.max()) >= c:
+        raise ValueError(
+            f"Expected train labels in [0, {c}) (num_classes={c}), but got range "
+            f"[{int(train_y.min())}, {int(train_y.max())}]."
+        )
     k = min(k, train_x.shape[0])
     dtype = _work_dtype(train_x)
     ref = F.normalize(train_x.to(dtype), dim=1)
@@ -268,7 +281,7 @@ def knn_accuracy(
     return float((pred == query_y.to(pred.device)).to(torch.float64).mean())
 
 
-# ------------------------------------------------------------------------------------------------ linear probe
+# ---------------------------------------------------------------------------------------------- linear probe
 def _standardizer(x: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
     if not standardize:
         return torch.zeros_like(x[0]), torch.ones_like(x[0])
@@ -382,7 +395,8 @@ def fit_linear_probe(
             _check_xy(sx, sy, name)
             if sx.shape[1] != train_x.shape[1]:
                 raise ValueError(
-                    f"Expected `{name}_x` with {train_x.shape[1]} features like `train_x`, but got {sx.shape[1]}."
+                    f"Expected `{name}_x` with {train_x.shape[1]} features like `train_x`, "
+                    f"but got {sx.shape[1]}."
                 )
             splits[name] = (sx, sy)
     if method not in _PROBES:
@@ -398,7 +412,9 @@ def fit_linear_probe(
     x = train_x.to(dtype)
     y = train_y.to(device).long()
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise ValueError(f"Expected train labels in [0, {num_classes}), but got range [{int(y.min())}, {int(y.max())}].")
+        raise ValueError(
+            f"Expected train labels in [0, {num_classes}), but got range [{int(y.min())}, {int(y.max())}]."
+        )
     mean, std = _standardizer(x, standardize)
     xs = (x - mean) / std
     if method == "logistic":
@@ -491,9 +507,14 @@ class LinearProbe(Callback):
         check_positive_int(epochs, "epochs")
         check_positive_int(num_classes, "num_classes", allow_none=True)
         if embedding_fn is not None and not callable(embedding_fn):
-            raise TypeError(f"Expected `embedding_fn` to be callable (pl_module, x) -> Tensor, got {type(embedding_fn).__name__}.")
+            raise TypeError(
+                "Expected `embedding_fn` to be a callable (pl_module, x) -> Tensor, but got "
+                f"{type(embedding_fn).__name__}."
+            )
         if layer is not None and not isinstance(layer, str):
-            raise TypeError(f"Expected `layer` to be a dotted module name (str), but got {type(layer).__name__}.")
+            raise TypeError(
+                f"Expected `layer` to be a dotted module name (str), but got {type(layer).__name__}."
+            )
         if embedding_fn is not None and layer is not None:
             raise ValueError("Pass either `embedding_fn` or `layer` to LinearProbe, not both.")
         if probe not in _PROBES:
@@ -539,10 +560,11 @@ class LinearProbe(Callback):
         if stage == "fit":
             if self.loaders["train"] is None and not self._has_datamodule(trainer):
                 self._loader(trainer, "train")  # raises the "no data" error now rather than at the end
-            if self.loaders["val"] is None and self.loaders["test"] is None and not self._has_datamodule(trainer):
+            no_eval = self.loaders["val"] is None and self.loaders["test"] is None
+            if no_eval and not self._has_datamodule(trainer):
                 raise ValueError(
-                    "LinearProbe needs an evaluation split: pass `val_dataloader=` (or `test_dataloader=`), or "
-                    "use a datamodule with `eval_dataloader(split)`."
+                    "LinearProbe needs an evaluation split: pass `val_dataloader=` (or `test_dataloader=`), "
+                    "or use a datamodule with `eval_dataloader(split)`."
                 )
 
     @override
@@ -562,7 +584,9 @@ class LinearProbe(Callback):
         self._last_step = None
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._last_step = None  # hooks are removed by collect_embeddings' finally clause
 
     @override
@@ -593,7 +617,9 @@ class LinearProbe(Callback):
             )
         return None
 
-    def _embed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> tuple[Tensor, Tensor] | None:
+    def _embed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str
+    ) -> tuple[Tensor, Tensor] | None:
         loader = self._loader(trainer, split)
         if loader is None:
             return None
@@ -651,7 +677,8 @@ class LinearProbe(Callback):
             results = self.compute(trainer, pl_module)
         results = trainer.strategy.broadcast(results, src=0)
         self.results = dict(results)
-        self.history.append({"epoch": float(trainer.current_epoch), "step": float(trainer.global_step), **results})
+        where = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step)}
+        self.history.append({**where, **results})
         self._last_step = trainer.global_step
         metrics = {f"{self.prefix}{k}": v for k, v in results.items()}
         if trainer.is_global_zero:

@@ -64,13 +64,17 @@ def _check_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
         raise ValueError(f"Expected argument `{name}` to be one of {list(choices)}, but got {value!r}.")
 
 
+def _is_finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _check_positive_float(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not _is_finite_number(value) or value <= 0:
         raise ValueError(f"Expected argument `{name}` to be a finite number > 0, but got {value!r}.")
 
 
 def _check_nonneg_float(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _is_finite_number(value) or value < 0:
         raise ValueError(f"Expected argument `{name}` to be a finite number >= 0, but got {value!r}.")
 
 
@@ -82,7 +86,9 @@ def _check_channels(value: Any, name: str) -> tuple[int, ...]:
         or len(value) == 0
         or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
     ):
-        raise ValueError(f"Expected argument `{name}` to be a non-empty sequence of positive ints, but got {value!r}.")
+        raise ValueError(
+            f"Expected argument `{name}` to be a non-empty sequence of positive ints, but got {value!r}."
+        )
     return tuple(int(v) for v in value)
 
 

@@ -85,7 +85,8 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
             )
         else:
             self.shortcut = nn.Identity()
@@ -192,7 +193,9 @@ class SimCLR(pl.LightningModule):
         check_positive_int(projector_out_dim, "projector_out_dim")
         num_blocks = tuple(num_blocks)
         if len(num_blocks) != 3:
-            raise ValueError(f"Expected `num_blocks` to have 3 entries (one per stage), but got {num_blocks!r}.")
+            raise ValueError(
+                f"Expected `num_blocks` to have 3 entries (one per stage), but got {num_blocks!r}."
+            )
         for i, b in enumerate(num_blocks):
             check_positive_int(b, f"num_blocks[{i}]")
         _check_positive_float(temperature, "temperature")
