@@ -127,6 +127,8 @@ def test_knn_clamps_k_and_separates_clusters():
     assert knn_predict(tx[:3], ty[:3], vx, k=20).shape == (50,)
     with pytest.raises(ValueError, match="weights"):
         knn_predict(tx, ty, vx, weights="cosine")
+    with pytest.raises(ValueError, match=r"labels in \[0, 2\)"):
+        knn_predict(tx, ty, vx, num_classes=2)
 
 
 # ------------------------------------------------------------------------------------------------ embeddings
@@ -261,7 +263,7 @@ def test_callback_every_n_epochs_explicit_loaders_and_state_dict(tmp_path):
         return module(x)
 
     probe = LinearProbe(
-        every_n_epochs=1, embedding_fn=embed, probe="ridge", knn_k=0, progress_bar=False,
+        every_n_epochs=1, embedding_fn=embed, probe="ridge", knn_k=0, progress_bar=False, max_batches=2,
         train_dataloader=DataLoader(list(zip(tx, ty)), batch_size=16),
         val_dataloader=DataLoader(list(zip(vx, vy)), batch_size=16),
     )
@@ -270,7 +272,8 @@ def test_callback_every_n_epochs_explicit_loaders_and_state_dict(tmp_path):
     # one evaluation per epoch; the one at the end of training reuses the last epoch's (same global step)
     assert [h["epoch"] for h in probe.history] == [0.0, 1.0, 2.0]
     assert set(probe.results) == {"linear_train_acc", "linear_val_acc"}
-    assert calls and not any(calls)  # embeddings are computed in eval mode
+    assert len(calls) == 3 * (2 + 2)  # 3 evaluations x (2 train + 2 val batches, capped by max_batches)
+    assert not any(calls)  # embeddings are computed in eval mode
     state = probe.state_dict()
     restored = LinearProbe(progress_bar=False)
     restored.load_state_dict(state)
