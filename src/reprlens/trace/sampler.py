@@ -14,7 +14,6 @@ import types
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
@@ -183,5 +182,3 @@ def use_ghost_batchnorm(model: nn.Module, ghost_samples: int, *, detach_stats: b
             mod.forward = types.MethodType(forward, mod)
     return model
 
-
-_ = F  # keep the import for type checkers
