@@ -402,6 +402,7 @@ def _select_distinct(
     k: int,
     vec_fn: Any,
     stats: Tensor,
+    n_samples: int,
 ) -> Tensor:
     """First ``k`` entries per row by (key, index) whose truth vectors are distinct (infeasible = inf key).
 
@@ -426,9 +427,13 @@ def _select_distinct(
         dup = torch.zeros_like(finite)
         if bool(eq.any()):
             r, i, j = eq.nonzero(as_tuple=True)
-            vec = vec_fn(rows, idx)  # (R, k', N)
-            same = (vec[r, i] == vec[r, j]).all(-1)
-            dup[r[same], j[same]] = True
+            step = max(1, (256 << 20) // max(int(n_samples), 1))  # pairs per block: bounded memory
+            for s0 in range(0, r.numel(), step):
+                rr, ii, jj = r[s0 : s0 + step], i[s0 : s0 + step], j[s0 : s0 + step]
+                vi = vec_fn(rows[rr], idx[rr, ii][:, None])[:, 0]  # (P, N)
+                vj = vec_fn(rows[rr], idx[rr, jj][:, None])[:, 0]
+                same = (vi == vj).all(-1)
+                dup[rr[same], jj[same]] = True
         keep = finite & ~dup
         nkeep = keep.sum(1)
         enough = (nkeep >= k) | (fetch >= m) | (finite.sum(1) < idx.shape[1])
@@ -526,7 +531,7 @@ def beam_search(
             sel = torch.where(torch.isfinite(key_feas.gather(1, sel)), sel, -1)
         else:
             sel = _select_distinct(
-                key_feas, b, lambda rows, idx: _atom_rows(ct, idx), n_atom[None, :].expand_as(key_feas)
+                key_feas, b, lambda rows, idx: _atom_rows(ct, idx), n_atom[None, :].expand_as(key_feas), n_total
             )
         if sel.shape[1] < b:
             sel = torch.cat([sel, torch.full((d_units, b - sel.shape[1]), -1, dtype=torch.long, device=dev)], 1)
@@ -580,7 +585,12 @@ def beam_search(
             cand_auc = _auc_from_stats(cand_s, cand_n, n_total)
             if ref:
                 cand_auc = torch.nan_to_num(cand_auc, nan=0.0)
-            ck = torch.where(feas, -cand_auc if positive else cand_auc, inf).reshape(d_units, -1)
+            sel_ok = feas
+            if not ref and st.dedupe:
+                # a no-op extension (phi & a with phi in a, phi | a with a in phi) has its parent's count and
+                # is exactly the parent's truth vector, which competes earlier in generation order
+                sel_ok = feas & (cand_n != bn[..., None])
+            ck = torch.where(sel_ok, -cand_auc if positive else cand_auc, inf).reshape(d_units, -1)
             old_k = torch.where(valid, -beam_auc if positive else beam_auc, inf)
             keys = torch.cat([old_k, ck], 1)
             all_n = torch.cat([beam_n, cand_n.reshape(d_units, -1)], 1)
@@ -592,7 +602,7 @@ def beam_search(
                 sel = _stable_first_k(keys, b)
                 sel = torch.where(torch.isfinite(keys.gather(1, sel)), sel, -1)
             else:
-                sel = _select_distinct(keys, b, vec_fn, all_n)
+                sel = _select_distinct(keys, b, vec_fn, all_n, n_total)
             if sel.shape[1] < b:
                 sel = torch.cat([sel, torch.full((d_units, b - sel.shape[1]), -1, dtype=torch.long, device=dev)], 1)
             valid_new = sel >= 0
