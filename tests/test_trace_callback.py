@@ -216,3 +216,12 @@ def test_class_batches_callback_completeness_any_optimizer(tmp_path, opt):
         assert cc.score.argmax(1).tolist() == [0, 1, 2]
     # per-example projection scores split each step over its non-ghosts
     torch.testing.assert_close(res.score.sum(1), cc.score.sum(1), atol=1e-10, rtol=0)
+
+
+def test_tracin_interval_sum_lr_weighting(tmp_path):
+    ds = Blobs(n=24)
+    cb = TrainingTrace("fc2", mode="tracin", dirpath=tmp_path / "t", dtype="float64", loss_fn=per_example_ce,
+                       tracin_dataloader=loader(ds, shuffle=False), lr_weighting="interval_sum")
+    trainer(tmp_path, [cb], max_epochs=2).fit(Net(), loader(ds))
+    # 3 steps per epoch at lr 0.1, then 3 steps at 0.05 (StepLR per epoch)
+    assert [c.lr for c in cb.reader().checkpoints()] == pytest.approx([0.3, 0.15])

@@ -142,8 +142,6 @@ class TrainingTrace(Callback):
         if aggregate or not keep_factors:
             raise NotImplementedError("aggregate=True / keep_factors=False are not implemented in the recorder yet; "
                                       "the reader builds the aggregate on demand (`TraceReader.aggregate`).")
-        if lr_weighting != "at_checkpoint":
-            raise NotImplementedError("lr_weighting='interval_sum' is not implemented yet; use 'at_checkpoint'.")
         if example_id_fn is not None and not callable(example_id_fn):
             raise TypeError(f"`example_id_fn` must be callable, got {type(example_id_fn).__name__}.")
         self.layers = list(layers)
@@ -310,8 +308,10 @@ class TrainingTrace(Callback):
             rank_zero_warn("TrainingTrace(mode='tracin') uses the train loader for checkpoint passes; augmentation "
                            "makes scores non-reproducible. Pass a deterministic `tracin_dataloader`.")
             loader = trainer.train_dataloader
-        # the learning rate of the last optimizer step (an epoch-interval scheduler has already moved on)
-        lr = self._last_lr
+        # "at_checkpoint": the learning rate of the last optimizer step (an epoch-interval scheduler has already
+        # moved on); "interval_sum": the sum of the per-step learning rates since the previous checkpoint
+        interval = rec.interval_lr_sum()
+        lr = interval if self.lr_weighting == "interval_sum" else self._last_lr
         if lr is None:
             opt = trainer.optimizers[0]
             group = next((g for g in opt.param_groups

@@ -181,6 +181,7 @@ class TraceRecorder:
         self._buf_bytes = 0
         self._checks: list[tuple[int, str, Tensor]] = []
         self._check_tol: dict[str, float] = {}
+        self._lr_interval: float | Tensor = 0.0
         self._step_state: dict = {}
         self._w_after: dict[str, list[Tensor]] | None = None
         self._guarded = False
@@ -480,6 +481,11 @@ class TraceRecorder:
         step = self._step if self._step is not None else self._next_step
         st = self._step_state
         if self.mode == "tracin":
+            lr = st.get("lr")
+            if lr is not None:  # summed for lr_weighting="interval_sum" (see interval_lr_sum)
+                lr_v = lr if not isinstance(lr, Tensor) else lr.to(torch.float64)
+                self._lr_interval = self._lr_interval + (lr_v * torch.as_tensor(stepped, dtype=torch.float64)
+                                                         if isinstance(stepped, Tensor) else lr_v * bool(stepped))
             self._step_state = {}
             self._next_step = step + 1
             self._step = None
@@ -733,6 +739,13 @@ class TraceRecorder:
             S.atomic_torch_save(self.dirpath / "weights" / f"{name}.pt", self._weights_cpu())
 
     # ------------------------------------------------------------------ tracin
+    def interval_lr_sum(self, *, reset: bool = True) -> float:
+        """Sum of the learning rates of the optimizer steps since the last call (tracin ``"interval_sum"``)."""
+        total = self._lr_interval
+        if reset:
+            self._lr_interval = 0.0
+        return float(total.item()) if isinstance(total, Tensor) else float(total)
+
     def checkpoint(
         self,
         model: nn.Module,
