@@ -179,6 +179,7 @@ def test_resume_gives_bitwise_equal_rows(tmp_path):
     rb, ab, db, r_broken = _rows(tmp_path / "broken")
     assert np.array_equal(ra, rb) and np.array_equal(aa, ab) and np.array_equal(da, db)
     assert r_broken.truncations == [{"segment": 1, "step": 4}]
-    assert r_broken.completeness().weight_error_abs["2"] < 1e-12
+    rep = r_broken.completeness()
+    assert rep.weight_error_abs["2"] < 1e-12 and rep.missing_steps == [] and rep.duplicate_steps == []
     status = [m["status"] for m in r_broken._manifests.values()]
     assert status == ["interrupted", "finished"]

@@ -379,3 +379,31 @@ def test_bf16_autocast_factor_check_tolerance(tmp_path):
             rec.end_step()
     rep = TraceReader(tmp_path).completeness()
     assert rep.weight_error_rel["fc2"] < 2e-2, rep
+
+
+def test_rank_local_ids_are_detected_and_steps_accounted(tmp_path):
+    """Two recorders as rank 0/1 of a 2-process run: positions-as-ids collide across ranks and are flagged."""
+    torch.manual_seed(0)
+    x, y = blobs(40)
+    models = [MLP().double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    recs = [TraceRecorder(m, ["fc2"], tmp_path, rank=r, world_size=2, run_id="r") for r, m in enumerate(models)]
+    for rec in recs:
+        rec.open()
+        rec.attach()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for step in range(4):
+        for r, (m, rec, opt) in enumerate(zip(models, recs, opts)):
+            idx = torch.arange(10) + 20 * r + 0 * step
+            rec.begin_step(torch.arange(10), step=step)  # rank-local positions: the bug to detect
+            nn.functional.cross_entropy(m(x[idx]), y[idx]).backward()
+            rec.before_optimizer_step(opt)
+            opt.zero_grad()
+            rec.end_step()
+    for rec in recs:
+        rec.close()
+    with pytest.warns(UserWarning, match="rank-local ids"):
+        reader = TraceReader(tmp_path)
+    assert reader.id_overlap_fraction == 1.0
+    rep = reader.completeness()
+    assert rep.steps_per_rank == {0: 4, 1: 4} and rep.missing_steps == [] and rep.duplicate_steps == []

@@ -302,6 +302,7 @@ class TraceReader:
         # validate files; a damaged file truncates the trace at its shard's first step
         self._blocks: dict[str, list[_Block]] = {n: [] for n in self.layers + ["__members__"]}
         self._steps: list[np.ndarray] = []
+        self._steps_rank: list[int] = []
         self._ckpt_steps: dict[int, float] = {}
         starts = [s["start_step"] for s in segs] + [None]
         shard_list = []
@@ -343,6 +344,7 @@ class TraceReader:
                 ok &= steps["step"] < self.last_complete_step
             steps = steps[ok]
             self._steps.append(steps)
+            self._steps_rank.append(r)
             if is_ckpt and len(steps):
                 self._ckpt_steps[int(entry["checkpoint"])] = float(steps["lr"][0])
             kappa_of = dict(zip(steps["step"].tolist(), steps["kappa"].tolist()))
@@ -364,6 +366,14 @@ class TraceReader:
                         np.load(rank_dir / rec["delta"], mmap_mode="r") if "delta" in rec else None,
                         rows, keep, kap, lrs,
                     ))
+        self.id_overlap_fraction = self._rank_overlap()
+        if self.id_overlap_fraction > 0.05:
+            warnings.warn(
+                f"{100 * self.id_overlap_fraction:.0f}% of the rows share (step, id) with a row of another rank. Ids "
+                "must be dataset-level (global); this looks like rank-local ids (e.g. positions within the local "
+                "batch). Fix the `example_id_fn` (DistributedSampler padding explains only a few duplicates).",
+                stacklevel=2,
+            )
         self.exact = not self.approximations and not self.damaged and self.meta["config"].get("every_n_steps", 1) == 1
         all_ids = [b.rows["id"][b.keep] for n in self.layers for b in self._blocks.get(n, [])]
         if self.mode == "class_batches":
@@ -371,6 +381,23 @@ class TraceReader:
         ids = np.unique(np.concatenate(all_ids)) if all_ids else np.zeros(0, dtype=np.int64)
         self.example_ids: Tensor = torch.from_numpy(ids.astype(np.int64))
         self.num_examples: int = len(ids)
+
+    def _rank_overlap(self) -> float:
+        """Fraction of rows whose (step, id) also appears on another rank (rank-local id detection)."""
+        if self.world_size < 2 or self.mode == "tracin":
+            return 0.0
+        name = "__members__" if self.mode == "class_batches" else self.layers[0]
+        keys = []
+        for b in self._blocks.get(name, []):
+            r = b.rows[b.keep]
+            if name != "__members__":
+                r = r[r["call"] == 0]
+            keys.append(np.stack([r["step"], r["id"], np.full(len(r), b.rank)], 1))
+        if not keys:
+            return 0.0
+        k = np.unique(np.concatenate(keys), axis=0)  # distinct (step, id, rank)
+        _, counts = np.unique(k[:, :2], axis=0, return_counts=True)
+        return float((counts[counts > 1]).sum() / max(len(k), 1))
 
     def summary(self) -> str:
         """Mode, layers, steps, rows, bytes, exactness, last complete step."""
@@ -874,7 +901,9 @@ class TraceReader:
         """Exactness report: ``W_0 + Σ_i A_i`` vs the snapshot at the last complete step for every layer (float64),
         step bookkeeping per rank, and (with inputs) ``‖Σ_i c_i − Δz‖/‖Δz‖`` per input."""
         layers = [self._check_layer(layer)] if layer is not None else self.layers
-        steps_per_rank: dict[int, list[int]] = {}
+        steps_per_rank: dict[int, int] = {}
+        for r, st in zip(self._steps_rank, self._steps):
+            steps_per_rank[r] = steps_per_rank.get(r, 0) + len(st)
         all_steps = np.concatenate([s["step"] for s in self._steps]) if self._steps else np.zeros(0, np.int64)
         skipped = [int(s) for st in self._steps for s in st["step"][~st["stepped"]]]
         nonfinite = 0
@@ -902,6 +931,15 @@ class TraceReader:
                 ref_t = torch.cat(ref)
                 werr_abs[n] = float((total - ref_t).abs().max()) if total.numel() else 0.0
                 werr_rel[n] = float((total - ref_t).norm() / ref_t.norm().clamp_min(1e-300))
+        missing: list[int] = []
+        if self.mode != "tracin":
+            n_every = int(self.meta["config"].get("every_n_steps", 1))
+            first = min(seg["start_step"] for seg in self.meta["segments"])
+            expected = set(range(first + (-first) % n_every, self.last_complete_step, n_every))
+            for r in range(self.world_size):
+                have = {int(t) for rr, st in zip(self._steps_rank, self._steps) if rr == r for t in st["step"]}
+                missing.extend(sorted(expected - have))
+            missing = sorted(set(missing))
         uniq, counts = np.unique(all_steps, return_counts=True)
         dup = [int(s) for s, c in zip(uniq, counts) if c > self.world_size]
         sum_err = score_err = None
@@ -911,7 +949,7 @@ class TraceReader:
             score_err = (res.score.double().sum(1) - res.delta_z_norm.double()).abs() / res.delta_z_norm.double().clamp_min(EPS)
         return CompletenessReport(
             exact=self.exact, approximations=self.approximations, last_complete_step=self.last_complete_step,
-            steps_per_rank=steps_per_rank, missing_steps=[], duplicate_steps=dup, skipped_steps=skipped,
+            steps_per_rank=steps_per_rank, missing_steps=missing, duplicate_steps=dup, skipped_steps=skipped,
             truncations=self.truncations, nonfinite_rows=nonfinite, damaged=list(self.damaged),
             weight_error_abs=werr_abs, weight_error_rel=werr_rel, sum_error=sum_err, score_sum_error=score_err,
         )
