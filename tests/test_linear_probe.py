@@ -298,6 +298,31 @@ def test_callback_fast_dev_run_and_errors(tmp_path):
         bad_layer.fit(_Module(), datamodule=_DataModule())
 
 
+def test_callback_resumes_history_from_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def make(max_epochs):
+        probes = [LinearProbe(every_n_epochs=1, knn_k=3, progress_bar=False),
+                  LinearProbe(every_n_epochs=1, knn_k=0, layer="encoder.0", prefix="probe_conv/", progress_bar=False)]
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        trainer = pl.Trainer(
+            max_epochs=max_epochs, accelerator="cpu", callbacks=[*probes, ckpt], logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )
+        return trainer, probes
+
+    trainer, probes = make(1)
+    trainer.fit(_Module(), datamodule=_DataModule())
+    assert probes[0].state_key != probes[1].state_key
+    first = [dict(p.history[0]) for p in probes]
+    trainer, probes = make(2)
+    trainer.fit(_Module(), datamodule=_DataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    for probe, hist in zip(probes, first):
+        assert [h["epoch"] for h in probe.history] == [0.0, 1.0]
+        assert probe.history[0] == hist  # restored from the checkpoint, per probe
+    assert "knn_val_acc" in probes[0].results and "knn_val_acc" not in probes[1].results
+
+
 @pytest.mark.parametrize(
     "kwargs,err,match",
     [

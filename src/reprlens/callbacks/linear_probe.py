@@ -552,6 +552,12 @@ class LinearProbe(Callback):
         self.history: list[dict[str, float]] = []
         self._last_step: int | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # several probes (different layers / prefixes) can live in one Trainer and checkpoint
+        return self._generate_state_key(prefix=self.prefix, layer=self.layer)
+
     # -------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
