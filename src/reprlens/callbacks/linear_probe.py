@@ -448,7 +448,8 @@ class LinearProbe(Callback):
 
     Under DDP the probe runs on global rank zero only (the loaders are not sharded, so the other ranks
     would repeat identical work); the results are then broadcast so every rank holds the same
-    :attr:`results`. Under ``fast_dev_run`` one batch per split is used.
+    :attr:`results`. Under ``fast_dev_run`` one batch per split is used. With ``strategy="ddp_spawn"``
+    the callback is pickled, so ``embedding_fn`` must then be a module-level function (not a lambda).
 
     Args:
         every_n_epochs: also evaluate after every ``n``-th training epoch (``None``: only at the end).
@@ -470,12 +471,18 @@ class LinearProbe(Callback):
         progress_bar: tqdm bars while collecting embeddings.
 
     Example:
-        >>> from reprlens.models import ConvAutoencoder
         >>> import lightning.pytorch as pl
-        >>> probe = LinearProbe(layer="encoder.fc", knn_k=5)
-        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[probe])  # doctest: +SKIP
-        >>> trainer.fit(ConvAutoencoder(), datamodule=dm)  # doctest: +SKIP
-        >>> probe.results["linear_val_acc"]  # doctest: +SKIP
+        >>> from torch.utils.data import DataLoader
+        >>> from reprlens.models import ConvAutoencoder
+        >>> x, y = torch.rand(32, 1, 16, 16), torch.arange(32) % 2
+        >>> loader = DataLoader(list(zip(x, y)), batch_size=16)
+        >>> probe = LinearProbe(layer="encoder.fc", knn_k=5, train_dataloader=loader,
+        ...                     val_dataloader=loader, progress_bar=False)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[probe], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(ConvAutoencoder(in_channels=1, image_size=16, embedding_dim=4, num_classes=2), loader)
+        >>> sorted(probe.results)
+        ['knn_val_acc', 'linear_train_acc', 'linear_val_acc']
     """
 
     def __init__(
