@@ -125,8 +125,10 @@ def test_bad_inputs(tmp_path):
         TrainingTrace("fc2", mode="tracin")
     with pytest.raises(ValueError, match="every_n_steps"):
         TrainingTrace("fc2", mode="class_batches", every_n_steps=2)
-    with pytest.raises(NotImplementedError, match="projection"):
-        TrainingTrace("fc2", projection=64)
+    with pytest.raises(ValueError, match="projection"):
+        TrainingTrace("fc2", projection=0)
+    with pytest.raises(NotImplementedError, match="aggregate"):
+        TrainingTrace("fc2", aggregate=True)
     with pytest.raises(ValueError, match="flush_every_n_steps"):
         TrainingTrace("fc2", flush_every_n_steps=0)
     assert TrainingTrace("fc2", dirpath="a").state_key != TrainingTrace("fc1", dirpath="a").state_key

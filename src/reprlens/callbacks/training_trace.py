@@ -65,9 +65,12 @@ class TrainingTrace(Callback):
         flush_every_n_steps: steps between crash-safe commits.
         strict: refuse settings that break exactness.
         factorization: ``"auto"``, ``"low_rank"`` or ``"full"``.
-        aggregate, keep_factors, projection: not implemented in this version (must stay at their defaults).
+        aggregate, keep_factors: not implemented in this version (must stay at their defaults; the reader builds
+            the aggregate on demand with ``TraceReader.aggregate``).
+        projection: store randomly projected factors with ``k`` or ``(k_in, k_out)`` dims (unbiased dot products;
+            the trace is reported approximate).
         num_examples: dataset size (for the storage estimate).
-        projection_seed: seed of the (future) random projection.
+        projection_seed: seed of the projection matrices (identical on all ranks).
         ghost_samples: class_batches: ghosts per batch (None: read from the train sampler).
         loss_fn: tracin: ``(module, batch) -> (N,)`` per-example losses.
         tracin_dataloader: tracin: deterministic loader (or a callable returning one) of id-carrying batches;
@@ -135,10 +138,10 @@ class TrainingTrace(Callback):
             raise ValueError(f"Expected lr_weighting in ('at_checkpoint', 'interval_sum'), got {lr_weighting!r}.")
         if projection is not None:
             ks = projection if isinstance(projection, tuple) else (projection,)
-            if not all(isinstance(k, int) and k > 0 for k in ks):
-                raise ValueError(f"Expected projection dims > 0, got {projection!r}.")
-            raise NotImplementedError("Random projection of the trace factors is not implemented yet; use "
-                                      "projection=None (exact) or track a smaller layer.")
+            if len(ks) not in (1, 2) or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+                raise ValueError(f"Expected projection dims > 0 (k or (k_in, k_out)), got {projection!r}.")
+            if mode == "class_batches":
+                raise ValueError("projection is available in representation and tracin modes, not class_batches.")
         if aggregate or not keep_factors:
             raise NotImplementedError("aggregate=True / keep_factors=False are not implemented in the recorder yet; "
                                       "the reader builds the aggregate on demand (`TraceReader.aggregate`).")
@@ -155,6 +158,7 @@ class TrainingTrace(Callback):
         self.strict = strict
         self.factorization = factorization
         self.num_examples = num_examples
+        self.projection = projection
         self.projection_seed = projection_seed
         self.ghost_samples = ghost_samples
         self.loss_fn = loss_fn
@@ -195,6 +199,7 @@ class TrainingTrace(Callback):
             every_n_steps=(self.every_n_steps or 1) if self.mode != "tracin" else 1,
             ghost_samples=ghosts or 0, check_every_n_steps=self.check_every_n_steps,
             max_buffer_bytes=self.max_buffer_bytes, overwrite=self.overwrite,
+            projection=self.projection, projection_seed=self.projection_seed,
             config={"lightning": True, "tracin_every_n_steps": self.every_n_steps if self.mode == "tracin" else None},
         )
 

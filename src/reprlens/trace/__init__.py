@@ -11,7 +11,7 @@ Example:
     >>> from reprlens.trace import TraceReader, TraceRecorder, ClassPureBatchSampler
 """
 
-from reprlens.trace import functional, ids
+from reprlens.trace import functional, ids, projection
 from reprlens.trace.functional import (
     LayerSpec,
     factor_dot,
@@ -23,6 +23,8 @@ from reprlens.trace.functional import (
     weighted_gaussian_kde,
 )
 from reprlens.trace.ids import WithIndex
+from reprlens.trace.losses import per_example_cross_entropy
+from reprlens.trace.projection import projection_matrices
 from reprlens.trace.reader import (
     ClassContributions,
     CompletenessReport,
@@ -54,7 +56,10 @@ __all__ = [
     "functional",
     "ids",
     "patch_matrix",
+    "per_example_cross_entropy",
     "per_example_grads",
+    "projection",
+    "projection_matrices",
     "real_rows",
     "row_contributions",
     "row_scores",

@@ -44,9 +44,12 @@ from reprlens.trace.functional import (
     apply_delta,
     factor_dot,
     factor_sq_norm,
+    grad_matrix,
+    patch_matrix,
     per_example_grads,
     row_contributions,
 )
+from reprlens.trace.projection import projected_spec
 from reprlens.utils import get_module, unwrap_model
 
 __all__ = [
@@ -281,6 +284,14 @@ class TraceReader:
             for n, d in self.meta["layers"].items()
         }
         self.factorization = {n: d["factorization"] for n, d in self.meta["layers"].items()}
+        self.projection = self.meta.get("projection")
+        self._proj: dict[str, tuple[Tensor, Tensor]] = {}
+        self._row_spec: dict[str, LayerSpec] = dict(self.layer_info)
+        if self.projection:
+            mats = torch.load(self.path / "projection.pt", map_location="cpu", weights_only=True)
+            for n, (k_in, k_out) in self.projection["dims"].items():
+                self._proj[n] = (mats[n]["Q"], mats[n]["P"])
+                self._row_spec[n] = projected_spec(self.layer_info[n], k_in, k_out)
         self.world_size: int = int(self.meta.get("world_size", 1))
         self.approximations: list[str] = list(self.meta.get("approximations", []))
         segs = sorted(self.meta["segments"], key=lambda s: s["segment"])
@@ -500,6 +511,16 @@ class TraceReader:
         return None if (lab < 0).all() else torch.from_numpy(lab)
 
     # ------------------------------------------------------------------ test side
+    def _project_test(self, layer: str, a_x: Tensor, g_x: Tensor) -> tuple[Tensor, Tensor]:
+        """Test-side factors in the stored (possibly projected) space: (M, P', k_in), (M, P', k_out)."""
+        if layer not in self._proj:
+            return a_x, g_x
+        spec = self.layer_info[layer]
+        q, p = self._proj[layer]
+        a_rows = patch_matrix(spec, a_x)[:, 0]
+        g_rows = grad_matrix(spec, g_x)[:, 0]
+        return a_rows @ q.to(a_rows.device, a_rows.dtype).T, g_rows @ p.to(g_rows.device, g_rows.dtype).T
+
     def _layer_inputs(self, layer: str, inputs: Any, model: nn.Module | None, forward_fn) -> Tensor:
         if model is None:
             raise ValueError("Pass `model=` (the trained model) to compute the test inputs' layer activations, or "
@@ -593,6 +614,14 @@ class TraceReader:
                 return self._class_batch_contributions(layer, spec, a_x, delta_z, dz_norm, example_score,
                                                        batch_rows, progress)
             n = self.num_examples
+            if layer in self._proj:  # projected trace: contributions live in the k_out space, ‖Δz‖ stays exact
+                if use_aggregate:
+                    raise ValueError("The aggregate is not available for a projected trace; use use_aggregate=False.")
+                use_aggregate = False
+                a_x, delta_z = self._project_test(layer, a_x, delta_z.to(self.dtype))
+                delta_z = delta_z.double()
+                zshape = tuple(delta_z.shape[1:])
+                spec = self._row_spec[layer]
             if use_aggregate is None:
                 use_aggregate = granularity == "example" and self._aggregate_cache_path(layer).exists()
             if use_aggregate and granularity == "example":
@@ -711,6 +740,8 @@ class TraceReader:
         layer = self._check_layer(layer)
         if self.mode != "representation":
             raise ValueError("aggregate() is defined for representation traces.")
+        if layer in self._proj:
+            raise ValueError(f"Layer {layer!r} was recorded with random projection; its aggregate is not available.")
         path = Path(out) if out is not None else self._aggregate_cache_path(layer)
         if path.exists() and out is None:
             return np.load(path, mmap_mode="r")
@@ -853,8 +884,9 @@ class TraceReader:
             xnorm = torch.zeros(m, dtype=torch.float64, device=self.device)
             tnorm = torch.zeros(self.num_examples, dtype=torch.float64, device=self.device)
             for n in layers:
-                spec = self.layer_info[n]
+                spec = self._row_spec[n]
                 for a_x, g_x in test.get(n, []):
+                    a_x, g_x = self._project_test(n, a_x, g_x)
                     if normalize:
                         xnorm += factor_sq_norm(spec, a_x, g_x).double()
                     for ids, A, U in self._train_factors(n, ck.step, batch_rows):
@@ -885,7 +917,7 @@ class TraceReader:
         for ck in ckpts:
             per = torch.zeros_like(out)
             for n in layers:
-                spec = self.layer_info[self._check_layer(n)]
+                spec = self._row_spec[self._check_layer(n)]
                 for ids, A, U in self._train_factors(n, ck.step, batch_rows):
                     per.index_add_(0, self._id_index(ids), factor_sq_norm(spec, A, U).double())
             if normalize:
@@ -911,6 +943,9 @@ class TraceReader:
         if self.mode != "tracin":
             for n in layers:
                 spec = self.layer_info[n]
+                if n in self._proj:  # the projected factors do not determine ΔW
+                    werr_abs[n] = werr_rel[n] = float("nan")
+                    continue
                 w0, wt = self.weights(n, "initial"), self.weights(n, "final")
                 total = torch.zeros(int(np.prod(spec.weight_shape)) + (spec.out_features if spec.bias else 0),
                                     dtype=torch.float64, device=self.device)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from reprlens.trace import store as S
 from reprlens.trace.functional import LayerSpec, layer_spec, per_example_grads
 from reprlens.trace.ids import default_example_ids, to_id_tensor
+from reprlens.trace.projection import project_factors, projection_matrices
 from reprlens.utils import check_positive_int, get_module, unwrap_model
 
 __all__ = ["DTYPES", "MODES", "TraceRecorder"]
@@ -94,6 +95,9 @@ class TraceRecorder:
         overwrite: allow replacing a store that holds another run's trace.
         run_id: explicit run id (default: random).
         config: extra JSON-serialisable configuration written to ``trace.json``.
+        projection: store randomly projected factors ``ÃQᵀ``, ``GPᵀ`` with ``k`` or ``(k_in, k_out)`` dims
+            (unbiased dot products, approximate trace; see :mod:`reprlens.trace.projection`).
+        projection_seed, projection_kind: seed and ``"gaussian"``/``"rademacher"`` entries of Q and P.
 
     Raises:
         ValueError: for bad arguments or an unknown layer (closest names listed).
@@ -120,6 +124,9 @@ class TraceRecorder:
         overwrite: bool = False,
         run_id: str | None = None,
         config: dict | None = None,
+        projection: int | tuple[int, int] | None = None,
+        projection_seed: int = 0,
+        projection_kind: str = "gaussian",
     ) -> None:
         if isinstance(layers, str):
             layers = [layers]
@@ -188,6 +195,24 @@ class TraceRecorder:
         self._writer: S.TraceWriter | None = None
         self._snapshots: list[str] = []
         self.factorizations = {n: self._choose_factorization(n) for n in layers}
+        self.projection_seed = int(projection_seed)
+        self.projection_kind = projection_kind
+        self._proj: dict[str, tuple[Tensor, Tensor]] = {}
+        self._proj_dev: dict[tuple, tuple[Tensor, Tensor]] = {}
+        if projection is not None:
+            if mode == "class_batches":
+                raise ValueError("projection is available in representation and tracin modes, not class_batches.")
+            k_in, k_out = projection if isinstance(projection, tuple) else (projection, projection)
+            for li, name in enumerate(layers):
+                spec = self.specs[name]
+                if spec.groups != 1:
+                    raise NotImplementedError(f"Random projection of the grouped conv {name!r} is not supported.")
+                self._proj[name] = projection_matrices(
+                    spec.d_in, spec.out_features, k_in=k_in, k_out=k_out, seed=self.projection_seed + 1009 * li,
+                    kind=projection_kind,
+                )
+                self.factorizations[name] = "low_rank"
+            self.approximations.append(f"random projection ({projection_kind}, k_in={k_in}, k_out={k_out})")
 
     # ------------------------------------------------------------------ setup
     def _choose_factorization(self, name: str) -> str:
@@ -227,7 +252,10 @@ class TraceRecorder:
                 n: {**self.specs[n].to_dict(), "type": self.specs[n].kind, "factorization": self.factorizations[n]}
                 for n in self.layers
             },
-            "projection": None,
+            "projection": None if not self._proj else {
+                "seed": self.projection_seed, "kind": self.projection_kind,
+                "dims": {n: [int(q.shape[0]), int(p.shape[0])] for n, (q, p) in self._proj.items()},
+            },
             "segments": [],
             "truncations": [],
             "approximations": [],
@@ -284,6 +312,9 @@ class TraceRecorder:
                 meta["approximations"] = list(self.approximations)
                 meta["segments"].append({"segment": 0, "start_step": self._next_step})
                 S.atomic_torch_save(self.dirpath / "weights" / "initial.pt", self._weights_cpu())
+                if self._proj:
+                    S.atomic_torch_save(self.dirpath / "projection.pt", {n: {"Q": q, "P": p}
+                                                                        for n, (q, p) in self._proj.items()})
                 S.atomic_write_json(meta_path, meta)
             self.last_complete_step = self._next_step
         self._writer = S.TraceWriter(self.dirpath, segment=self.segment, rank=self.rank, start_step=self._next_step)
@@ -551,6 +582,9 @@ class TraceRecorder:
                         self.factorizations[name] = fact
                         if self.rank == 0:
                             self._update_meta(lambda m, n=name, f=fact: m["layers"][n].__setitem__("factorization", f))
+                    if name in self._proj:
+                        q, p = self._proj_on(name, a)
+                        a, g = project_factors(spec, a, g.to(a.dtype), q, p)
                     if fact == "full":
                         w, b = per_example_grads(spec, a, g)
                         d = torch.cat([w.flatten(1)] + ([b] if b is not None else []), 1)
@@ -568,6 +602,13 @@ class TraceRecorder:
                     self._buf_bytes += a_s.numel() * a_s.element_size() + d_s.numel() * d_s.element_size()
                     total += rows
         return total
+
+    def _proj_on(self, name: str, like: Tensor) -> tuple[Tensor, Tensor]:
+        key = (name, like.device, like.dtype)
+        if key not in self._proj_dev:
+            q, p = self._proj[name]
+            self._proj_dev[key] = (q.to(like.device, like.dtype), p.to(like.device, like.dtype))
+        return self._proj_dev[key]
 
     def _commit_class_step(self, step: int, stepped: bool | Tensor) -> None:
         st = self._step_state
@@ -815,6 +856,9 @@ class TraceRecorder:
                             if g is None:
                                 continue
                             r_ids = ids if a.shape[0] == ids.numel() else ids.repeat(a.shape[0] // ids.numel())
+                            if n in self._proj:
+                                q, p = self._proj_on(n, a)
+                                a, g = project_factors(self.specs[n], a, g.to(a.dtype), q, p)
                             a_s, a_e = _frexp_scale(a)
                             d_s, d_e = _frexp_scale(g)
                             parts[n].append({"a": a_s, "d": d_s, "a_exp": a_e, "d_exp": d_e, "ids": r_ids,
