@@ -141,3 +141,38 @@ def test_activation_writer_matches_collect(data, tmp_path):
     assert np.array_equal(writer.result.tensor().numpy(), ref.tensor().numpy())
     assert len(lit.net.conv._forward_hooks) == 0
     assert json.loads((tmp_path / "w.npy.json").read_text())["complete"] is True
+
+
+def _ddp_worker(rank, world, path, port, data):
+    import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        ds = _DictDS(data)
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=3)
+        loader = DataLoader(ds, batch_size=3, sampler=sampler)
+        ActivationCollector("conv", path=path, overwrite=True).collect(_Net(), loader)
+        mem = ActivationCollector("conv").collect(_Net(), loader)
+        if rank == 0:
+            torch.save(mem.tensor(), str(path) + ".mem.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_gives_single_process_file(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = torch.rand(10, 1, 3, 3, generator=torch.Generator().manual_seed(2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "ddp.npy"
+    mp.spawn(_ddp_worker, args=(2, path, port, data), nprocs=2, join=True)
+    single = ActivationCollector("conv").collect(_Net(), DataLoader(_DictDS(data), batch_size=4)).tensor()
+    assert np.array_equal(Activations.load(path).tensor().numpy(), single.numpy())
+    assert torch.equal(torch.load(str(path) + ".mem.pt"), single)

@@ -100,6 +100,11 @@ def test_shapes_dataset_if_available():
     ds = data.ShapesDataset(20, image_size=16, seed=0)
     cs = ConceptSet.from_shapes(ds)
     assert cs.num_samples == 20 and cs.num_concepts == len(ds.concept_names)
+    assert torch.equal(cs.labels, ds.concept_matrix())
+    # factors with value names and quantile bins
+    fac = ConceptSet.from_factors(ds.factors(), value_names=ds.factor_categories,
+                                  bins={"scale": 2, "pos_x": 2, "pos_y": 2, "rotation": 2})
+    assert torch.equal(fac.evaluate("shape=circle"), cs.evaluate("shape=circle"))
 
 
 def test_csv_select_drop_subset_save_load(tmp_path):
