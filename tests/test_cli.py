@@ -293,6 +293,23 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_spawn_inside_a_multirun(tmp_path):
+    """strategy ddp cannot run under -m (Lightning re-runs argv); start_method=spawn can, with a full summary."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model.lr=1e-3", "trainer=ddp", "+trainer.strategy.start_method=spawn", *TINY, "data.batch_size=16",
+            f"hydra.sweep.dir={sweep}", "callbacks.progress_bar=null"]
+    proc = _cli(args, cwd=tmp_path, module=True, timeout=600)
+    _ok(proc)
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] is None  # counters stay in the workers
+    acc = summary["metrics"]["probe/linear_val_acc"]
+    assert summary["linear_probe"]["linear_val_acc"] == acc == summary["optimized_value"]
+    assert summary["last_model_path"] == str(sweep / "0" / "checkpoints" / "last.ckpt")
+    ckpt = torch.load(summary["last_model_path"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["lr"] == 1e-3
+
+
+@pytest.mark.slow
 def test_optuna_sweep(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"

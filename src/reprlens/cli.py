@@ -199,20 +199,34 @@ def _json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def _probe_results(callbacks: Sequence[Any]) -> dict[str, Any]:
-    """The result of every LinearProbe-like callback (one with a ``results`` or ``result`` attribute)."""
+def _probe_results(callbacks: Sequence[Any], metrics: Mapping[str, float]) -> dict[str, Any]:
+    """The ``results`` of every LinearProbe callback (``linear_probe``, ``linear_probe_1``, ...).
+
+    When the callback ran in other processes (strategy ``ddp_spawn``) its ``results`` stay there; the
+    metrics under its ``prefix`` came back in ``trainer.callback_metrics`` and are used instead.
+    """
     out: dict[str, Any] = {}
     for cb in callbacks:
         if type(cb).__name__ != "LinearProbe":
             continue
         res = getattr(cb, "results", None)
-        if res is None:
-            res = getattr(cb, "result", None)
-        if callable(res):
-            res = res()
-        key = "linear_probe" if "linear_probe" not in out else f"linear_probe_{len(out)}"
+        if not res:
+            prefix = str(getattr(cb, "prefix", "probe/"))
+            res = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+        key = "linear_probe" if not out else f"linear_probe_{len(out)}"
         out[key] = _json_safe(res)
     return out
+
+
+def _last_checkpoint(ckpt_cb: Any) -> str | None:
+    """``last.ckpt`` of a ModelCheckpoint (also when it was written by a spawned worker process)."""
+    if ckpt_cb is None:
+        return None
+    path = getattr(ckpt_cb, "last_model_path", "") or ""
+    if not path and getattr(ckpt_cb, "save_last", False) and getattr(ckpt_cb, "dirpath", None):
+        candidate = Path(ckpt_cb.dirpath) / f"{ckpt_cb.CHECKPOINT_NAME_LAST}{ckpt_cb.FILE_EXTENSION}"
+        path = str(candidate) if candidate.is_file() else ""
+    return path or None
 
 
 def _optimized_value(cfg: DictConfig, metrics: Mapping[str, float]) -> float | None:
@@ -322,6 +336,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics.update(_metrics_to_floats(trainer.callback_metrics))
 
     if trainer.is_global_zero:
+        spawned = type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
         out_dir = _output_dir(cfg, trainer)
         ckpt_cb = trainer.checkpoint_callback
         summary = {
@@ -330,11 +345,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "optimized_metric": cfg.get("optimized_metric"),
             "optimized_value": metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None,
             "metrics": metrics,
-            **_probe_results(trainer.callbacks),
+            **_probe_results(trainer.callbacks, metrics),
             "best_model_path": getattr(ckpt_cb, "best_model_path", None) or None,
-            "last_model_path": getattr(ckpt_cb, "last_model_path", None) or None,
-            "epochs": int(trainer.current_epoch),
-            "global_step": int(trainer.global_step),
+            "last_model_path": _last_checkpoint(ckpt_cb),
+            # with ddp_spawn the loops ran in the worker processes: their counters are not known here
+            "epochs": None if spawned else int(trainer.current_epoch),
+            "global_step": None if spawned else int(trainer.global_step),
             "world_size": int(trainer.world_size),
             "output_dir": str(out_dir),
         }
