@@ -473,3 +473,29 @@ def test_separable_render_matches_interpolate(shift, shape):
     a64 = bank.render(0, 300, dtype=torch.float64)
     b64 = bank.render(0, 300, dtype=torch.float64, method="separable")
     assert (a64 - b64).abs().max() <= 1e-14
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. GPU (skipped without CUDA)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cpu_and_cuda_agree(cuda_device):
+    enc = conv_encoder(13)
+    x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    cpu = Relax(enc, num_masks=1000, seed=0).explain(x)
+    bank = MaskBank.sample(1000, (48, 48), seed=0)
+    # float32 bmm on the GPU: a few ulps from the CPU interpolation
+    assert (bank.render(0, 1000, device=cuda_device, method="separable").cpu() - bank.render(0, 1000)).abs().max() <= 1e-6
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the encoder's conv, not RELAX, would differ by ~1e-3 in TF32
+    try:
+        gpu = Relax(enc.to(cuda_device), num_masks=1000, seed=0).explain(x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert gpu.importance.device.type == "cuda"
+    gpu = gpu.cpu()
+    assert (gpu.importance - cpu.importance).abs().max() <= 1e-5
+    assert ((gpu.m2 - cpu.m2).abs() / cpu.m2).max() <= 1e-4
+    bf = Relax(BlockEncoder(16).to(cuda_device), num_masks=1000, seed=0, autocast_dtype=torch.bfloat16).explain(x[0])
+    fp = Relax(BlockEncoder(16).to(cuda_device), num_masks=1000, seed=0).explain(x[0])
+    assert spearman(bf.importance.cpu(), fp.importance.cpu()) >= 0.99

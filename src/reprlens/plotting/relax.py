@@ -165,11 +165,14 @@ def plot_relax(
     max_images: int = 8,
     cell_size: float = 1.8,
     title: str | None = None,
+    scale: str = "shared",
 ) -> Figure:
     """Matplotlib figure: one row per image, columns input / importance / uncertainty / U-RELAX.
 
-    Maps are shown raw with one colour scale per column (shared colour bars), so values are comparable
-    across images. Pixels removed by U-RELAX are shown transparent over the grey input.
+    ``scale="shared"``: maps are shown raw with one colour scale per column (shared colour bars), so values
+    are comparable across images. ``scale="per_image"``: each map is min-max scaled on its own (importance
+    often sits in a narrow band that differs between images; this shows where each map peaks). Pixels
+    removed by U-RELAX are shown transparent over the grey input.
 
     Example:
         >>> from reprlens.relax import relax
@@ -180,6 +183,8 @@ def plot_relax(
     """
     from reprlens.plotting.common import require_matplotlib
 
+    if scale not in ("shared", "per_image"):
+        raise ValueError(f"Expected `scale` to be 'shared' or 'per_image', but got {scale!r}.")
     plt = require_matplotlib()
     if images.ndim == 3:
         images = images[None]
@@ -210,8 +215,9 @@ def plot_relax(
                 continue
             if j == 3:
                 ax.imshow(base[i].mean(-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            handles[j] = ax.imshow(maps[i].numpy(), cmap=cmap, vmin=lims[j][0], vmax=lims[j][1], interpolation="nearest")
-    for j, h in handles.items():
+            lo, hi = lims[j] if scale == "shared" else _lim(imp[i] if j == 3 else maps[i])
+            handles[j] = ax.imshow(maps[i].numpy(), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    for j, h in handles.items() if scale == "shared" else ():
         fig.colorbar(h, ax=[axes[i][j] for i in range(n)], fraction=0.046, pad=0.02)
     if title:
         fig.suptitle(title, fontsize=10)
