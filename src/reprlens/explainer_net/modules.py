@@ -243,5 +243,9 @@ class PartExplainer(nn.Module):
         if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
             raise ValueError(f"Expected a file written by PartExplainer.save (config + state_dict), got {path!r}.")
         net = cls(**blob["config"])
-        net.load_state_dict(blob["state_dict"])
+        sd = blob["state_dict"]
+        dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), None)
+        if dtype is not None:
+            net.to(dtype)  # keep the saved precision (buffers included)
+        net.load_state_dict(sd)
         return net
