@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_dir, initialize_config_module
@@ -144,8 +145,6 @@ def test_every_logger_config_instantiates(tmp_path):
 
 def test_every_callback_config_instantiates(tmp_path):
     """One file per callback, whose top-level key names the entry; each builds its callback."""
-    import lightning.pytorch as pl
-
     for opt in options("callbacks"):
         if opt in ("default", "none"):
             continue
@@ -221,7 +220,7 @@ SMALL_DATA = {
 }
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
 @pytest.mark.parametrize("data", sorted(SMALL_DATA))
 @pytest.mark.parametrize("model", ["simclr", "autoencoder", "classifier"])
 def test_every_data_model_pair_trains_one_step(data, model, tmp_path):
@@ -241,9 +240,26 @@ def test_every_data_model_pair_trains_one_step(data, model, tmp_path):
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
+def test_nested_callback_groups_compose_and_instantiate(tmp_path):
+    """Sub-groups such as conf/callbacks/regularizer/ (selected with `+callbacks/<sub>=<option>`)."""
+    subs = sorted(p for p in (CONF / "callbacks").iterdir() if p.is_dir() and list(p.glob("*.yaml")))
+    if not subs:
+        pytest.skip("no nested callback groups")
+    for sub in subs:
+        for opt in sorted(q.stem for q in sub.glob("*.yaml")):
+            cfg = _compose([f"+callbacks/{sub.name}={opt}"], tmp_path)
+            _resolved(cfg)
+            assert {"model_checkpoint", "progress_bar", "linear_probe"} <= set(cfg.callbacks), (sub.name, opt)
+            cbs = instantiate_callbacks(cfg.callbacks)
+            assert all(isinstance(cb, pl.Callback) for cb in cbs)
+            assert len(cbs) == sum(v is not None for v in cfg.callbacks.values())
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_builds_its_model_and_data(experiment, tmp_path):
     cfg = _compose([f"experiment={experiment}"], tmp_path)
+    _resolved(cfg)
+    assert all(isinstance(cb, pl.Callback) for cb in instantiate_callbacks(cfg.callbacks))
     net = instantiate(cfg.model, _convert_="all")
     dm = instantiate(cfg.data, _convert_="all")
     x = torch.rand(2, *dm.image_shape)
