@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -502,7 +502,7 @@ def _graph_grads(z: Tensor, h: Tensor, idx: Tensor, create_graph: bool, chunk: i
     return torch.cat(out, 0).movedim(0, 1)
 
 
-def _func_grads(f: Callable[[Tensor], Tensor], h: Tensor, idx: Tensor | None, chunk: int, k_hint: int | None = None) -> tuple[Tensor, Tensor]:
+def _func_grads(f: Callable[[Tensor], Tensor], h: Tensor, idx: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
     """(G (N, K', *S), z (N, K)) with torch.func.vjp + chunked vmap over one-hot cotangents."""
     z, vjp_fn = torch.func.vjp(f, h)
     if idx is None:
