@@ -137,6 +137,7 @@ def test_run_in_process_with_test_stage(tmp_path):
     """run(cfg) without a subprocess: autoencoder on digits, fit + test with the best checkpoint."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
     from reprlens.cli import run
 
@@ -169,6 +170,14 @@ def test_run_in_process_with_test_stage(tmp_path):
     assert summary["global_step"] == 4  # trainer=debug: 4 batches
     assert summary["best_model_path"].endswith(".ckpt")
     assert _last_logged(tmp_path / "run" / "csv" / "metrics.csv", "test/acc") == pytest.approx(metrics["test/acc"])
+    # test only, from the saved checkpoint (ModelCheckpoint without monitor keeps the final weights):
+    # the same weights on the same test batches give the same numbers
+    again = OmegaConf.merge(
+        cfg, {"train": False, "ckpt_path": summary["best_model_path"], "paths": {"output_dir": f"{tmp_path}/run2"}}
+    )
+    metrics2 = run(again)
+    assert metrics2["test/acc"] == pytest.approx(metrics["test/acc"]) and "train/loss" not in metrics2
+    assert metrics2["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
 
 
 def test_run_rejects_bad_configs_and_ddp_inside_a_sweep(tmp_path):

@@ -288,6 +288,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     Raises:
         ValueError: ``data``, ``model`` or ``trainer`` is missing, or a callback/logger entry has no ``_target_``.
         TypeError: ``cfg`` is not a DictConfig.
+        RuntimeError: strategy ``ddp`` (Lightning's script launcher) inside a Hydra multirun.
 
     Example:
         >>> from hydra import compose, initialize_config_module
@@ -330,6 +331,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("test", False):
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        if ckpt is None and not cfg.get("train", True):
+            ckpt = cfg.get("ckpt_path")  # test=true train=false ckpt_path=...: evaluate a saved model
         if ckpt is None:
             log.warning("No checkpoint was saved: testing the current weights.")
         trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt)
