@@ -207,7 +207,7 @@ def _probe_results(callbacks: Sequence[Any], metrics: Mapping[str, float]) -> di
     """
     out: dict[str, Any] = {}
     for cb in callbacks:
-        if type(cb).__name__ != "LinearProbe":
+        if not any(klass.__name__ == "LinearProbe" for klass in type(cb).__mro__):  # subclasses too
             continue
         res = getattr(cb, "results", None)
         if not res:
