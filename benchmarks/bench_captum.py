@@ -213,12 +213,15 @@ def bench_head_b(args) -> dict:
     attr = LayerToLayerAttribution(model, "backbone", "head", head=model.head)
     graph = LayerToLayerAttribution(model, "backbone", "head")
     variants = {
-        "vmap_auto_chunk": lambda: attr.attribute(x, transform="abs"),
+        "auto_chosen_path": lambda: attr.attribute(x, transform="abs"),  # conv head -> "loop"
+        "vmap_auto_chunk": lambda: layer_attributions(model.backbone(x), model.head, transform="abs", path="vmap"),
         "loop": lambda: layer_attributions(model.backbone(x), model.head, transform="abs", path="loop"),
         "batched_graph": lambda: graph.attribute(x, transform="abs"),
     }
     for c in args.chunks:
-        variants[f"vmap_chunk_{c}"] = (lambda c=c: attr.attribute(x, transform="abs", chunk_size=c))
+        variants[f"vmap_chunk_{c}"] = (
+            lambda c=c: layer_attributions(model.backbone(x), model.head, transform="abs", path="vmap", chunk_size=c)
+        )
     # gate: all variants equal on a few float64 samples
     m64 = SmallCNN(head_b(k)).double().eval()
     m64.load_state_dict(model.state_dict())
