@@ -59,7 +59,7 @@ def fx2(num_units: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
 def fx3(
     num_samples: int = 50_000, num_units: int = 512, num_classes: int = 1000, num_parents: int = 473, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """FX-3: classes + parents (OR of 2-30 random classes); units 0.5 [class in G_d] + N(0,1), half ReLU."""
+    """FX-3: classes + parents (OR of 2-30 random classes); units 0.5 [class in G_d] + N(0,1) (float64), half ReLU."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(num_classes, (num_samples,), generator=g)
     onehot = torch.zeros(num_samples, num_classes, dtype=torch.bool)
@@ -73,7 +73,8 @@ def fx3(
     groups = torch.zeros(num_classes, num_units, dtype=torch.bool)
     for d in range(num_units):
         groups[torch.randperm(num_classes, generator=g)[: int(torch.randint(1, 31, (1,), generator=g))], d] = True
-    a = 0.5 * groups[y].float() + torch.randn(num_samples, num_units, generator=g)
+    # float64 so that the Gaussian half is tie-free (50k float32 normals collide ~100 times per unit)
+    a = 0.5 * groups[y].double() + torch.randn(num_samples, num_units, generator=g, dtype=torch.float64)
     a[:, num_units // 2 :] = torch.relu(a[:, num_units // 2 :])
     names = [f"class{i}" for i in range(num_classes)] + [f"parent{i}" for i in range(num_parents)]
     return a, c, names
