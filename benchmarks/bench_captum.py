@@ -189,7 +189,7 @@ def bench_naive(args) -> dict:
     got = layer_attributions(torch.cat(hs), m64.head, head_batchnorm="per_sample")
     if not torch.allclose(got, ref, rtol=0, atol=1e-10):
         raise SystemExit(f"naive-loop gate failed: max diff {(got - ref).abs().max()}")
-    pairs = max(3, args.pairs // 2) if not args.smoke else 1
+    pairs = args.pairs if not args.smoke else 1
     out = {"config": {"K": k, "batch": n, "model": "XAI4Embeddings MNIST encoder", "source": "conv2 input"}}
     out["loop_vs_ours"] = abab(lambda: ours_reference(model, x), lambda: naive_reference_loop(model, x, k), pairs=pairs, warmup=1, rewarm=True)
     out["ours_vs_plain"] = abab(lambda: plain_step(model, x), lambda: ours_reference(model, x), pairs=args.pairs, warmup=args.warmup, rewarm=True)
