@@ -180,3 +180,25 @@ def test_tuple_outputs():
 
 def test_doctests():
     assert doctest.testmod(capture_mod).failed == 0
+
+
+def test_torchvision_resnet_inplace_relu_maps_equal_out_of_place():
+    torchvision = pytest.importorskip("torchvision")
+    from reprlens.attribution import LayerToLayerAttribution
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=6).eval()
+    ref = torchvision.models.resnet18(num_classes=6).eval()
+    ref.load_state_dict(net.state_dict())
+    for m in ref.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    x = torch.randn(2, 3, 32, 32)
+    with LayerCapture(net, ["layer1.0.bn1"]) as cap:
+        net(x)
+    h = cap.get("layer1.0.bn1")
+    assert "BatchNorm" in type(h.grad_fn).__name__ and (h < 0).any()
+    got = LayerToLayerAttribution(net, "layer1.0.bn1", "fc").attribute(x, dims=[0, 5], transform="abs")
+    want = LayerToLayerAttribution(ref, "layer1.0.bn1", "fc").attribute(x, dims=[0, 5], transform="abs")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert got.abs().sum() > 0
