@@ -176,3 +176,19 @@ def test_ddp_two_cpu_ranks_gives_single_process_file(tmp_path):
     single = ActivationCollector("conv").collect(_Net(), DataLoader(_DictDS(data), batch_size=4)).tensor()
     assert np.array_equal(Activations.load(path).tensor().numpy(), single.numpy())
     assert torch.equal(torch.load(str(path) + ".mem.pt"), single)
+
+
+def test_explain_accepts_activation_files(data, tmp_path):
+    from reprlens.invert import ConceptSet, Invert
+
+    model = _Net()
+    path = tmp_path / "a.npy"
+    acts = ActivationCollector("conv", aggregate="max", path=path).collect(model, DataLoader(TensorDataset(data)))
+    cs = ConceptSet(torch.stack([data[:, 0, 0, 0] > 0.2, data[:, 0, 1, 1] > 0.4], 1), names=["p", "q"], warn=False)
+    inv = Invert(cs, max_length=2, beam_size=2, alpha=0.05)
+    direct = inv.explain(acts.tensor())
+    for src in (path, str(path), acts):
+        other = inv.explain(src)
+        assert other.formula == direct.formula and np.array_equal(other.auc, direct.auc)
+    sub = inv.explain(path, neurons=[1])
+    assert set(sub.neuron.tolist()) == {1} and sub.formula == direct.for_neuron(1).formula
