@@ -175,13 +175,51 @@ def gpu_rows(num_masks: int = 3000, batch_size: int = 500) -> None:
         print(f"bf16 vs fp32 image {i}: spearman={rho:.4f} top10%-overlap={overlap:.3f} max|dR|={float((a - b).abs().max()):.2e}")
 
 
+def _peak_rss_child(n: int) -> None:
+    import resource
+
+    torch.set_num_threads(1)
+    xs = torch.randn(4, 3, 64, 64)
+    enc = avgpool_encoder()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Relax(enc, num_masks=100, seed=0).explain(xs)  # warm-up allocations
+    warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Relax(enc, num_masks=n, seed=0).explain(xs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{n} {base} {warm} {peak}")
+
+
+def memory_rows() -> None:
+    """Peak RSS growth of one explain call at N = 3000 vs 30000 (64x64, K=4), each in a fresh process."""
+    import subprocess
+    import sys
+
+    out = {}
+    for n in (3000, 30000):
+        res = subprocess.run(
+            [sys.executable, __file__, "--_memory-child", str(n)], capture_output=True, text=True, check=True
+        )
+        n_, base, warm, peak = map(int, res.stdout.split()[-4:])
+        out[n] = (peak - base) / 1024
+        print(f"memory: N={n_}  peak RSS growth {out[n]:.1f} MiB (after warm-up {(warm - base) / 1024:.1f} MiB)")
+    print(f"memory: growth ratio N=30000 / N=3000 = {out[30000] / out[3000]:.3f} (target within 5 %)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="headline and scaling rows only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both implementations")
     parser.add_argument("--gpu", action="store_true", help="only the CUDA rows (ResNet-50, 224 px, bf16)")
+    parser.add_argument("--memory", action="store_true", help="only the peak-memory rows (N = 3000 vs 30000)")
+    parser.add_argument("--_memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._memory_child is not None:
+        _peak_rss_child(args._memory_child)
+        return
+    if args.memory:
+        memory_rows()
+        return
     if args.gpu:
         gpu_rows()
         return
