@@ -96,6 +96,13 @@ def test_cli_end_to_end(tmp_path):
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", day.name) and re.fullmatch(r"\d{2}-\d{2}-\d{2}", run.name)
     _check_run_dir(run)
     assert "Epoch 0" in proc.stderr + proc.stdout  # progress bar
+    exe = BIN / "reprlens-report"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from reprlens.cli import report; "
+                                           "sys.exit(report())"]
+    report = subprocess.run([*cmd, str(run)], capture_output=True, text=True, env=_env(), timeout=300)
+    if report.returncode != 2:  # 2: reprlens.report not built yet
+        _ok(report)
+        assert (run / "report.html").is_file()
 
 
 def test_multirun_two_jobs(tmp_path):
@@ -209,26 +216,26 @@ def test_run_rejects_bad_configs_and_ddp_inside_a_sweep(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_report_not_implemented_yet(tmp_path, capsys):
-    pytest.importorskip("reprlens.cli")
-    try:
-        import reprlens.report as rep  # noqa: F401
-
-        if hasattr(rep, "build_report"):
-            pytest.skip("reprlens.report exists: reprlens-report is tested with it")
-    except ModuleNotFoundError:
-        pass
+def test_report_entry_point(tmp_path, capsys, monkeypatch):
     from reprlens.cli import report
 
-    assert report([str(tmp_path)]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         report([str(tmp_path / "missing")])
-    assert exc.value.code == 2
-    exe = BIN / "reprlens-report"
-    if exe.exists():
-        proc = subprocess.run([str(exe), str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=120)
-        assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+    assert exc.value.code == 2 and "existing directory" in capsys.readouterr().err
+    try:
+        from reprlens.report import build_report  # noqa: F401
+    except ImportError:
+        pass
+    else:  # an empty run dir: every section "unavailable", the file is still written
+        assert report([str(tmp_path)]) == 0
+        assert Path(capsys.readouterr().out.strip()) == tmp_path / "report.html"
+        assert (tmp_path / "report.html").is_file()
+        assert report([str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
+        assert (tmp_path / "r.html").is_file()
+    # without reprlens.report: a clear message and exit code 2
+    monkeypatch.setitem(sys.modules, "reprlens.report", None)
+    assert report([str(tmp_path)]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
 
 
 def test_user_hydra_app_uses_reprlens_configs(tmp_path):

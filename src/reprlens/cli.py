@@ -375,10 +375,10 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def report(argv: Sequence[str] | None = None) -> int:
-    """``reprlens-report RUN_DIR``: build the HTML report of a finished run.
+    """``reprlens-report RUN_DIR [--out FILE]``: build the HTML report of a finished run.
 
-    Calls ``reprlens.report.build_report(run_dir)`` when that module exists; until then it prints a
-    "not implemented yet" message and returns exit code 2.
+    Calls ``reprlens.report.build_report(run_dir, out=...)`` and prints the path of the HTML file; without
+    that module it prints a "not implemented yet" message and returns exit code 2.
 
     Args:
         argv: command-line arguments (default: ``sys.argv[1:]``).
@@ -395,6 +395,7 @@ def report(argv: Sequence[str] | None = None) -> int:
         prog="reprlens-report", description="Build the HTML report of a finished reprlens-train run."
     )
     parser.add_argument("run_dir", type=Path, help="run directory written by reprlens-train (has summary.json)")
+    parser.add_argument("--out", type=Path, default=None, help="HTML file to write (default RUN_DIR/report.html)")
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
         parser.error(f"RUN_DIR must be an existing directory written by reprlens-train, got {str(args.run_dir)!r}")
@@ -412,7 +413,7 @@ def report(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    result = build(args.run_dir)
+    result = build(args.run_dir) if args.out is None else build(args.run_dir, out=args.out)
     if result is not None:
         print(result)
     return 0
