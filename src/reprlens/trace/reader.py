@@ -358,8 +358,8 @@ class TraceReader:
             self._steps_rank.append(r)
             if is_ckpt and len(steps):
                 self._ckpt_steps[int(entry["checkpoint"])] = float(steps["lr"][0])
-            kappa_of = dict(zip(steps["step"].tolist(), steps["kappa"].tolist()))
-            lr_of = dict(zip(steps["step"].tolist(), steps["lr"].tolist()))
+            order = np.argsort(steps["step"], kind="stable")
+            st_sorted = steps["step"][order]
             for name, recs in entry["layers"].items():
                 for rec in recs:
                     if any(str(rank_dir / v) in self.damaged for k, v in rec.items() if k != "n"):
@@ -368,8 +368,13 @@ class TraceReader:
                     keep = np.isin(rows["step"], steps["step"])
                     if name != "__members__" and self.mode == "class_batches":
                         keep &= True
-                    kap = np.array([kappa_of.get(s, 0.0) for s in rows["step"].tolist()], dtype=np.float64)
-                    lrs = np.array([lr_of.get(s, 0.0) for s in rows["step"].tolist()], dtype=np.float64)
+                    # per-row step coefficients, vectorised (rows of unknown steps are not kept anyway)
+                    pos = np.clip(np.searchsorted(st_sorted, rows["step"]), 0, max(len(st_sorted) - 1, 0))
+                    if len(st_sorted):
+                        kap = np.where(keep, steps["kappa"][order][pos], 0.0).astype(np.float64)
+                        lrs = np.where(keep, steps["lr"][order][pos], 0.0).astype(np.float64)
+                    else:
+                        kap = lrs = np.zeros(len(rows), dtype=np.float64)
                     self._blocks.setdefault(name, []).append(_Block(
                         r, name,
                         np.load(rank_dir / rec["a"], mmap_mode="r") if "a" in rec else None,
@@ -700,9 +705,15 @@ class TraceReader:
         n = self.num_examples
         score = torch.zeros(m, n, dtype=torch.float64)
         real_step = cl >= 0
-        step_pos = {int(s): i for i, s in enumerate(st.tolist()) if real_step[i]}
         if len(memr):
-            pos = torch.tensor([step_pos.get(int(s), -1) for s in memr["step"].tolist()])
+            # position of each member's step among the real (non-drift) step records, -1 if absent
+            real_idx = torch.nonzero(real_step).reshape(-1)
+            real_steps = st[real_idx]
+            srt, perm = torch.sort(real_steps)
+            ms = torch.from_numpy(memr["step"].copy())
+            j = torch.searchsorted(srt, ms).clamp_max(max(len(srt) - 1, 0))
+            found = (srt[j] == ms) if len(srt) else torch.zeros(len(ms), dtype=torch.bool)
+            pos = torch.where(found, real_idx[perm[j]] if len(srt) else j, torch.full_like(ms, -1))
             valid = pos >= 0
             counts = np.bincount(memr["step"] - memr["step"].min()) if len(memr) else None
             m_t = torch.from_numpy(counts[memr["step"] - memr["step"].min()]).double()
@@ -839,22 +850,23 @@ class TraceReader:
             for a, _ in got.get(n, []):
                 g = grads[k]
                 k += 1
-                res.setdefault(n, []).append((a.to(self.device, self.dtype), torch.zeros_like(a) if g is None else
-                                              g.detach().to(self.device, self.dtype)))
+                if g is None:  # the loss does not depend on this call: zero gradient, no contribution
+                    continue
+                res.setdefault(n, []).append((a.to(self.device, self.dtype), g.detach().to(self.device, self.dtype)))
         return res
 
     def _train_factors(self, layer: str, ckpt_step: int, batch_rows: int):
-        seen: set = set()
+        seen = np.zeros(0, dtype=np.int64)
         for b, sel, rows, a, d, _ in self._iter_rows(layer, batch_rows, checkpoint=ckpt_step):
             A, U = self._factors(b, sel, rows, a, d, use_kappa=False)
-            key = list(zip([b.rank] * len(rows), rows["id"].tolist(), rows["call"].tolist()))
-            # keep the first of duplicate (checkpoint, id, call) rows across ranks
-            mask = []
-            for r, i, c in key:
-                mask.append((i, c) not in seen)
-                seen.add((i, c))
-            mask_t = torch.tensor(mask, dtype=torch.bool, device=self.device)
-            yield rows["id"][np.asarray(mask)], A[mask_t], U[mask_t]
+            # keep the first of duplicate (checkpoint, id, call) rows (DDP sampler padding, overlapping shards)
+            key = rows["id"].astype(np.int64) * 256 + rows["call"].astype(np.int64)
+            first = np.zeros(len(key), dtype=bool)
+            first[np.unique(key, return_index=True)[1]] = True
+            mask = first & ~np.isin(key, seen)
+            seen = np.concatenate([seen, key[mask]])
+            mask_t = torch.from_numpy(mask).to(self.device)
+            yield rows["id"][mask], A[mask_t], U[mask_t]
 
     def influence(
         self, inputs: Any, *, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
