@@ -170,3 +170,17 @@ def test_overlays_and_figure():
         relax_overlays(x, res, alpha=0)
     fig = plot_relax(x, res)
     assert len(fig.axes) >= 8
+
+
+def test_non_zero_rank_and_sanity_check_do_nothing(tmp_path):
+    cb = _monitor(probe=torch.rand(2, 3, SIZE, SIZE), dirpath=tmp_path / "relax")
+    model = EncModel()
+    cb.setup(types.SimpleNamespace(strategy=object()), model, "fit")
+    for trainer in (
+        types.SimpleNamespace(sanity_checking=False, is_global_zero=False),
+        types.SimpleNamespace(sanity_checking=True, is_global_zero=True),
+    ):
+        assert cb._run(trainer, model, epoch=0) is None
+    assert not (tmp_path / "relax").exists() and cb.last_result is None
+    res = cb.explain(model)  # the functional entry point works on any rank
+    assert res.importance.shape == (2, SIZE, SIZE)
