@@ -25,6 +25,15 @@ from reprlens.explainer_net import functional as Fn
 
 D = torch.float64
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads contend badly (20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 # ------------------------------------------------------------------------------------------ templates
 def test_template_bank():

@@ -23,6 +23,15 @@ from reprlens.explainer_net.lightning import p_reward_schedule
 
 D = torch.float64
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads contend badly (20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def _batches(d, bs):
     return [{k: v[i : i + bs] for k, v in d.items()} for i in range(0, d["image"].shape[0], bs)]

@@ -258,6 +258,8 @@ class ExplainerModule(pl.LightningModule):
         save_performer_in_checkpoint: keep ``performer.*`` keys in checkpoints.
         example_batch: a raw batch for the dry run that sizes the explainer.
         steps_per_epoch: optimiser steps per epoch for ``η(t)`` (default: from the trainer).
+        freeze_performer: put the performer in eval mode with ``requires_grad_(False)`` (default). The
+            callback's ``alongside`` mode passes False: the user's model keeps training untouched.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -294,6 +296,7 @@ class ExplainerModule(pl.LightningModule):
         save_performer_in_checkpoint: bool = False,
         example_batch: Any = None,
         steps_per_epoch: int | None = None,
+        freeze_performer: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(performer, nn.Module):
@@ -313,12 +316,14 @@ class ExplainerModule(pl.LightningModule):
             raise ValueError(f"Expected `p_cap` in (0, 1] or None, but got {p_cap!r}.")
         if not 0.5 < collapse_threshold < 1:
             raise ValueError(f"Expected `collapse_threshold` in (0.5, 1), but got {collapse_threshold!r}.")
-        if performer.training:
+        self.freeze_performer = bool(freeze_performer)
+        if performer.training and self.freeze_performer:
             warnings.warn("ExplainerModule: the performer was in training mode; switching it to eval mode so its "
                           "BatchNorm statistics and dropout stay fixed.", UserWarning, stacklevel=2)
         self.performer = performer
-        self.performer.eval()
-        self.performer.requires_grad_(False)
+        if self.freeze_performer:
+            self.performer.eval()
+            self.performer.requires_grad_(False)
         self.target_layer = target_layer
         self.upper_layers = list(upper_layers)
         self.explainer_kwargs = dict(explainer_kwargs or {})
@@ -397,7 +402,8 @@ class ExplainerModule(pl.LightningModule):
             self.li_performer = LocationInstability(self.rf).to(self.device)
 
     def setup(self, stage: str) -> None:
-        self.performer.eval()
+        if self.freeze_performer:
+            self.performer.eval()
         if self.explainer is None:
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if dm is None:
@@ -407,6 +413,14 @@ class ExplainerModule(pl.LightningModule):
             self.build_explainer(next(iter(dm.train_dataloader())))
 
     def train(self, mode: bool = True) -> ExplainerModule:
+        if not self.freeze_performer:  # alongside the user's fit: leave the user's model alone
+            if self.explainer is not None:
+                self.explainer.train(mode)
+            for m in self.children():
+                if m is not self.performer and m is not self.explainer:
+                    m.train(mode)
+            self.training = mode
+            return self
         super().train(mode)
         self.performer.eval()  # never changes: BatchNorm statistics and dropout stay fixed
         return self
