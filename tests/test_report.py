@@ -131,6 +131,11 @@ def test_synthetic_run_sections_present_and_missing_ones_marked(tmp_path: Path) 
     i93, i75, i61 = (text.index(f"<td>{a}</td>") for a in ("0.93", "0.75", "0.61"))
     assert i93 < i75 < i61
     assert "colour==red OR shape==square" in text
+    # scores over epochs: per-step reg/* values averaged per epoch (steps (0,1), (2,3), (4,5) -> 0.05, 0.25, 0.45)
+    assert "<td>reg/informativeness</td><td>epoch (mean)</td><td>0.05</td><td>0.45</td><td>3</td>" in text
+    assert "<td>val/informativeness</td><td>epoch</td><td>0.3</td><td>0.4</td><td>3</td>" in text
+    # training curves: last train loss 2 / 6 at step 5
+    assert "<td>train/loss</td><td>0.3333</td><td>5</td>" in text
     # probe accuracy shown
     assert "linear_val_acc" in text and "0.8" in text
     # curves and score plots are matplotlib PNGs (4 ScoreMonitor/concept PNGs + curves + scores)
@@ -250,6 +255,7 @@ E2E_OVERRIDES = [
     "trainer.accelerator=cpu",
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
     "trainer.enable_model_summary=false",
     "data.num_train=64",
     "data.num_val=32",
@@ -297,3 +303,79 @@ def test_end_to_end_train_then_report(tmp_path: Path) -> None:
     proc = subprocess.run([report, str(run)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert html_path.read_bytes() == first
+
+
+def test_influential_examples_from_trace_match_bruteforce(tmp_path: Path) -> None:
+    """A real trace (plain SGD, exact) of a tiny classifier; the ids in the report equal a brute-force ranking."""
+    import torch
+    import torch.nn.functional as F
+
+    from reprlens.data import ShapesDataModule
+    from reprlens.models import Classifier
+    from reprlens.report import _NUM_TEST_IMAGES, _TOP_K
+    from reprlens.trace import TraceRecorder
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "seed: 0\n"
+        "model: {_target_: reprlens.models.Classifier, in_channels: 3, num_classes: 5, channels: [4, 8]}\n"
+        "data: {_target_: reprlens.data.ShapesDataModule, num_train: 24, num_val: 8, num_test: 8, batch_size: 12,"
+        " seed: 0}\n"
+    )
+    model = Classifier(in_channels=3, num_classes=5, channels=(4, 8)).double()
+    model.train()
+    dm = ShapesDataModule(num_train=24, num_val=8, num_test=8, batch_size=12, seed=0)
+    dm.setup()
+    train = dm.dataset("train").without_views()
+    lr = 0.5
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    steps = []  # (ids, a_i, dL/dz_i) per step: the oracle's own record
+    with TraceRecorder(model, ["fc"], run / "trace", dtype="float64") as rec:
+        for t in range(3):
+            ids = torch.arange(8 * t, 8 * t + 12) % 24
+            batch = train.get_batch(ids)
+            rec.begin_step(batch["index"], batch["label"])
+            a = model.pool(model.features(batch["image"].double()))
+            logits = model.fc(a)
+            logits.retain_grad()
+            F.cross_entropy(logits, batch["label"]).backward()
+            steps.append((batch["index"], a.detach().clone(), logits.grad.detach().clone()))
+            rec.before_optimizer_step(opt)
+            opt.step()
+            opt.zero_grad()
+            rec.end_step()
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": model.float().state_dict()}, run / "checkpoints" / "last.ckpt")
+
+    text = build_report(run).read_text()
+    assert _statuses(text)["influential_examples"] == "ok", _statuses(text)["influential_examples"]
+    section = text[text.index('<section id="influential_examples">'):text.index('<section id="comparison">')]
+    assert len(_embedded_pngs(section)) == _NUM_TEST_IMAGES
+
+    # brute force: c_i(x) = sum_t -lr * g_ti * (a_ti . a(x) + 1); score_i = <c_i, dz> / |dz|, dz = sum_i c_i
+    model = model.double().eval()
+    x = dm.dataset("test").without_views().get_batch(torch.arange(_NUM_TEST_IMAGES))["image"].double()
+    with torch.no_grad():
+        ax = model.pool(model.features(x))  # (M, D)
+    c = torch.zeros(_NUM_TEST_IMAGES, 24, 5, dtype=torch.float64)
+    for ids, a, g in steps:
+        contrib = -lr * g[None] * ((ax @ a.T)[..., None] + 1.0)  # (M, B, 5)
+        c.index_add_(1, ids, contrib)
+    dz = c.sum(1)
+    score = (c * dz[:, None]).sum(-1) / dz.norm(dim=-1, keepdim=True)
+    rows = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td><td>([^<]*)</td><td>([\d ]+)</td><td>([\d ]+)</td></tr>",
+                      section)
+    assert len(rows) == _NUM_TEST_IMAGES
+    for m, (idx, dz_norm, err, pro, opp) in enumerate(rows):
+        assert int(idx) == m
+        assert float(dz_norm) == pytest.approx(float(dz[m].norm()), rel=2e-3)
+        assert abs(float(err)) < 1e-3
+        pro_ids = [int(v) for v in pro.split()]
+        opp_ids = [int(v) for v in opp.split()]
+        assert len(pro_ids) == len(opp_ids) == _TOP_K
+        order = torch.argsort(score[m], descending=True)
+        # compare as sets of the top/bottom k (ties at the boundary are not expected with these random weights)
+        assert set(pro_ids) == set(order[:_TOP_K].tolist())
+        assert set(opp_ids) == set(order[-_TOP_K:].tolist())

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import csv
 import html
 import json
@@ -271,6 +272,15 @@ def _series(rows: Sequence[Mapping[str, str]], column: str, x: str = "step") -> 
     return xs, ys
 
 
+def _epoch_means(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Mean of ``ys`` per distinct ``xs`` value, in increasing x (float64 sums in row order: deterministic)."""
+    acc: dict[float, list[float]] = {}
+    for x, y in zip(xs, ys):
+        acc.setdefault(x, []).append(y)
+    keys = sorted(acc)
+    return keys, [math.fsum(acc[k]) / len(acc[k]) for k in keys]
+
+
 # ------------------------------------------------------------------------------------------------ sections
 def _section_config(run: _Run) -> str:
     parts = []
@@ -340,23 +350,23 @@ def _section_scores(run: _Run) -> str:
         )
     panels, table = {}, []
     for col in cols:
-        by_epoch = _series(rows, col, x="epoch")
-        xs, ys = by_epoch if by_epoch[0] and len(by_epoch[0]) == len(_series(rows, col, x="step")[0]) else ([], [])
-        if not xs:  # no epoch column for this metric: fall back to steps
+        xs, ys = _series(rows, col, x="epoch")
+        if xs and len(xs) == len(_series(rows, col, x="step")[0]):
+            xs, ys = _epoch_means(xs, ys)  # several values per epoch (logged every step): their mean
+            xlab = "epoch (mean)" if len(xs) < len(_series(rows, col, x="epoch")[0]) else "epoch"
+        else:  # no epoch column for this metric: steps
             xs, ys = _series(rows, col)
             xlab = "step"
-        else:
-            xlab = "epoch"
         if xs:
             panels[f"{col} (per {xlab})"] = {col: (xs, ys)}
-            table.append((col, ys[0], ys[-1], len(ys)))
+            table.append((col, xlab, ys[0], ys[-1], len(ys)))
     if not panels:
         raise _Unavailable("the score columns hold no values", _rel(run.metrics_csv, run.root))
     from reprlens.plotting.report import plot_metric_curves
 
     fig = plot_metric_curves(panels, xlabel="epoch / step", ncols=3)
     return _fig_html(fig, "explanation scores (reg/*: training steps; val/*: validation epochs)") + _table(
-        ["metric", "first", "last", "points"], table)
+        ["metric", "x", "first", "last", "points"], table)
 
 
 def _section_attribution_maps(run: _Run) -> str:
@@ -468,7 +478,16 @@ def _load_model_and_data(run: _Run) -> tuple[Any, Any]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = run.config
+    cfg = copy.deepcopy(run.config)
+    if OmegaConf.select(cfg, "paths") is not None:  # `${hydra:...}` does not resolve outside the Hydra job
+        cwd = None
+        hpath = run.root / ".hydra" / "hydra.yaml"
+        if hpath.is_file():
+            with contextlib.suppress(Exception):
+                cwd = OmegaConf.select(OmegaConf.load(hpath), "hydra.runtime.cwd", default=None)
+        with contextlib.suppress(Exception):
+            cfg.paths.root_dir = str(cwd or run.root)
+            cfg.paths.output_dir = str(run.root)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     model = instantiate(model_cfg, _convert_="all")
@@ -569,8 +588,11 @@ def _influential_from_trace(run: _Run, tdir: Path) -> str:
                                 class_names=names, title=f"test image {i} (label {int(batch['label'][i])})")
         parts.append(_fig_html(fig, f"test image {i}: top {_TOP_K} proponents and opponents"))
     err = res.completeness_error.double()
-    parts.append(_table(["test image", "‖Δz‖", "completeness error"],
-                        [(i, float(res.delta_z_norm[i]), float(err[i])) for i in range(n_test)]))
+    parts.append(_table(
+        ["test image", "‖Δz‖", "completeness error", f"top {_TOP_K} proponents (ids)", f"top {_TOP_K} opponents (ids)"],
+        [(i, float(res.delta_z_norm[i]), float(err[i]), " ".join(str(int(j)) for j in prop.ids[i]),
+          " ".join(str(int(j)) for j in opp.ids[i])) for i in range(n_test)],
+    ))
     return "\n".join(parts)
 
 
