@@ -395,13 +395,9 @@ class ExplainerDistillation(Callback):
         x = self.module.input_fn(batch)
         self.module._input_size = (int(x.shape[-2]), int(x.shape[-1]))
         if self.module.rf is None:
-            from reprlens.explainer_net.functional import receptive_field
+            from reprlens.explainer_net.lightning import _default_rf
 
-            try:
-                self.module.rf = receptive_field(unwrap_model(pl_module), self.target_layer)
-            except ValueError:
-                self.module.rf = receptive_field(unwrap_model(pl_module), self.target_layer, method="probe",
-                                                 input_size=self.module._input_size)
+            self.module.rf = _default_rf(unwrap_model(pl_module), self.target_layer, self.module._input_size)
         for m in (*self.module.rel_err_metrics.values(), self.module.gate_metric, self.module.head_metric):
             m.to(tgt.device)
         self.optimizer = self.module.configure_optimizers()

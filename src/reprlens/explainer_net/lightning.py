@@ -96,6 +96,14 @@ def _capture_features(performer: nn.Module, layers: Sequence[str], x: Tensor, ca
     return feats, out
 
 
+def _default_rf(performer: nn.Module, layer: str, input_size: tuple[int, int]) -> ReceptiveField:
+    """Probe (exact for any architecture, skips included); analytic when the map is too small to probe."""
+    try:
+        return receptive_field(performer, layer, method="probe", input_size=input_size)
+    except ValueError:
+        return receptive_field(performer, layer)
+
+
 # ----------------------------------------------------------------------------------------- feature cache
 class _Indices(Dataset):
     def __init__(self, n: int) -> None:
@@ -253,13 +261,16 @@ class ExplainerModule(pl.LightningModule):
         collapse_threshold: p-collapse guard threshold.
         head: callable features -> logits for the head check (default: substitution).
         input_fn, target_fn, landmark_fn, output_to_logits: batch/output accessors.
-        receptive_field: grid geometry of the target layer (default: analytic, else probe).
+        receptive_field: grid geometry of the target layer (default: probe, which handles skip connections).
         call_index: which call of the target layer to use when it runs several times per forward.
         save_performer_in_checkpoint: keep ``performer.*`` keys in checkpoints.
         example_batch: a raw batch for the dry run that sizes the explainer.
         steps_per_epoch: optimiser steps per epoch for ``η(t)`` (default: from the trainer).
         freeze_performer: put the performer in eval mode with ``requires_grad_(False)`` (default). The
             callback's ``alongside`` mode passes False: the user's model keeps training untouched.
+        head_task: ``"classification"`` (accuracies with labels), ``"embedding"`` (``output_cosine`` only) or
+            ``"auto"``: classification when the performer's output comes straight from an ``nn.Linear`` (a
+            logits layer) and labels exist; an embedder such as SimCLR's backbone gets ``output_cosine``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -297,6 +308,7 @@ class ExplainerModule(pl.LightningModule):
         example_batch: Any = None,
         steps_per_epoch: int | None = None,
         freeze_performer: bool = True,
+        head_task: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(performer, nn.Module):
@@ -317,6 +329,10 @@ class ExplainerModule(pl.LightningModule):
         if not 0.5 < collapse_threshold < 1:
             raise ValueError(f"Expected `collapse_threshold` in (0.5, 1), but got {collapse_threshold!r}.")
         self.freeze_performer = bool(freeze_performer)
+        if head_task not in ("auto", "classification", "embedding"):
+            raise ValueError(f"Expected `head_task` in ('auto', 'classification', 'embedding'), but got {head_task!r}.")
+        self.head_task = head_task
+        self._is_classifier: bool | None = {"auto": None, "classification": True, "embedding": False}[head_task]
         if performer.training and self.freeze_performer:
             warnings.warn("ExplainerModule: the performer was in training mode; switching it to eval mode so its "
                           "BatchNorm statistics and dropout stay fixed.", UserWarning, stacklevel=2)
@@ -389,11 +405,7 @@ class ExplainerModule(pl.LightningModule):
             self.explainer = PartExplainer(int(tgt.shape[1]), **kw).to(tgt.device)
             self.explainer.resolve_output_activation(tgt)
         if self.rf is None:
-            try:
-                self.rf = receptive_field(self.performer, self.target_layer)
-            except ValueError:
-                self.rf = receptive_field(self.performer, self.target_layer, method="probe",
-                                          input_size=self._input_size)
+            self.rf = _default_rf(self.performer, self.target_layer, self._input_size)
         return self.explainer
 
     def _ensure_li(self) -> None:
@@ -523,6 +535,19 @@ class ExplainerModule(pl.LightningModule):
         finally:
             handle.remove()
 
+    def _detect_classifier(self, images: Tensor) -> bool:
+        """Whether the performer's output is produced directly by an ``nn.Linear`` (logits)."""
+        outs: list[Tensor] = []
+        handles = [m.register_forward_hook(lambda _m, _a, o: outs.append(o)) for m in self.performer.modules()
+                   if isinstance(m, nn.Linear)]
+        try:
+            with torch.no_grad():
+                out = self.output_to_logits(self.performer(images[:2]))
+        finally:
+            for h in handles:
+                h.remove()
+        return any(o is out for o in outs)
+
     @torch.no_grad()
     def update_metrics(self, batch: Any) -> None:
         """Update all evaluation metrics with one batch (raw batches also get the head check)."""
@@ -539,9 +564,12 @@ class ExplainerModule(pl.LightningModule):
         if self.head is not None:
             self.head_metric.update(self.head(tgt), self.head(out.reconstruction), y)
         elif feats["images"] is not None:
+            if self._is_classifier is None:
+                self._is_classifier = self._detect_classifier(feats["images"])
             orig = self.output_to_logits(feats["output"])
             rec = self._substituted_logits(feats["images"], out.reconstruction)
-            self.head_metric.update(orig, rec, y if (y is not None and orig.ndim == 2 and orig.shape[1] > 1) else None)
+            labelled = self._is_classifier and y is not None and orig.ndim == 2 and orig.shape[1] > 1
+            self.head_metric.update(orig, rec, y if labelled else None)
         lm = feats["landmarks"]
         if lm is not None and self.rf is not None:
             self._ensure_li()
