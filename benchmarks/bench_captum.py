@@ -130,8 +130,12 @@ def bench_t3(args, backbone: str) -> dict:
     warm = dict(pairs=args.pairs, warmup=args.warmup, rewarm=True)
     out["captum_vs_generic"] = abab(run_generic, run_captum, **warm)
     out["captum_vs_factorized"] = abab(run_factor, run_captum, **warm)
-    out["generic_vs_plain"] = abab(lambda: plain_step(model, x), run_generic, **warm)
-    out["factorized_vs_plain"] = abab(lambda: plain_step(model, x), run_factor, **warm)
+    if args.no_plain_ratios:
+        nan = {"ratio": float("nan")}
+        out["generic_vs_plain"] = out["factorized_vs_plain"] = nan
+    else:
+        out["generic_vs_plain"] = abab(lambda: plain_step(model, x), run_generic, **warm)
+        out["factorized_vs_plain"] = abab(lambda: plain_step(model, x), run_factor, **warm)
     if args.chunks:
         h = model.backbone(x).detach()
         for c in args.chunks:
@@ -256,6 +260,7 @@ def main(argv=None) -> None:
     p.add_argument("--chunks", type=int, nargs="*", default=[], help="chunk sizes to sweep (head A maps, head B)")
     p.add_argument("--backbones", choices=["light", "standard"], nargs="+", default=["light", "standard"])
     p.add_argument("--only", choices=["t3", "naive", "headb"], nargs="*", default=["t3", "naive", "headb"])
+    p.add_argument("--no-plain-ratios", action="store_true", help="T3: skip the maps / plain-step ratios")
     p.add_argument("--json", type=str, default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     if args.smoke:
