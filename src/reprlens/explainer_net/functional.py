@@ -211,10 +211,12 @@ def _mi_core(a: Tensor, templates: Tensor, log_prior: Tensor) -> Tensor:
     b, c, h, w = a.shape
     m = templates.shape[0]
     sc = (a.transpose(0, 1).reshape(c * b, h * w) @ templates.reshape(m, h * w).T).view(c, b, m)
-    log_px_t = sc - torch.logsumexp(sc, dim=1, keepdim=True)  # (C,B,M), Z_T over the batch
-    log_px = torch.logsumexp(log_prior.view(1, 1, m) + log_px_t, dim=2, keepdim=True)  # (C,B,1)
-    mi = (log_prior.exp().view(1, 1, m) * log_px_t.exp() * (log_px_t - log_px)).sum((1, 2))
-    return mi
+    log_px_t = torch.log_softmax(sc, dim=1)  # (C,B,M): log p(x_b|T_m), Z_T over the batch (fused kernel)
+    # uniform priors pi = 1/M (spec 2.2), so log p(x_b) = logsumexp_m log p(x_b|T_m) - log M and
+    # MI = sum_m pi sum_b p(x|T)(log p(x|T) - log p(x)) = mean_m sum_b p log p - sum_b p(x_b) log p(x_b)
+    log_px = torch.logsumexp(log_px_t, dim=2) + log_prior[0]  # (C,B)
+    p_x_t = log_px_t.exp()
+    return (p_x_t * log_px_t).sum((1, 2)) / m - (log_px.exp() * log_px).sum(1)
 
 
 def filter_mutual_information(
@@ -575,8 +577,9 @@ def peak_positions(maps: Tensor, rf: ReceptiveField) -> tuple[Tensor, Tensor]:
     """
     _check_maps(maps, "maps")
     n, f, h, w = maps.shape
-    v, idx = maps.detach().reshape(n, f, h * w).max(-1)
-    idx = maps.detach().reshape(n, f, h * w).argmax(-1)  # first maximum
+    flat = maps.detach().reshape(n, f, h * w)
+    idx = flat.argmax(-1)  # first maximum in row-major order (NaN counts as the maximum)
+    v = flat.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     dt = _compute_dtype(maps)
     i = torch.div(idx, w, rounding_mode="floor").to(dt)
     j = (idx % w).to(dt)
@@ -665,10 +668,10 @@ def _instability_from_candidates(
 
 def _candidates(maps, landmarks, rf, image_size, include_zero_peaks, landmark_index_base):
     _check_maps(maps, "maps")
-    if not bool(torch.isfinite(maps).all()):
-        raise ValueError("Expected finite `maps`, but got NaN/inf values; check the features for NaN.")
     n = maps.shape[0]
     q, v = peak_positions(maps, rf)
+    if not bool(torch.isfinite(v).all()):  # a NaN or +inf anywhere in a map is its peak (argmax)
+        raise ValueError("Expected finite `maps`, but got NaN/inf values; check the features for NaN.")
     sz = _image_diag(image_size, n, q.dtype, q.device)
     lm = _check_landmarks(landmarks, n, sz, landmark_index_base)
     diag = sz.pow(2).sum(-1).sqrt()  # (N,)
