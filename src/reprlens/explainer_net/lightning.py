@@ -274,6 +274,7 @@ class ExplainerModule(pl.LightningModule):
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> net = net.eval()
         >>> module = ExplainerModule(net, "1", example_batch=torch.rand(2, 1, 8, 8))
         >>> module.explain(torch.rand(3, 1, 8, 8)).reconstruction.shape
         torch.Size([3, 4, 8, 8])

@@ -97,7 +97,7 @@ class PartExplainer(nn.Module):
     Example:
         >>> net = PartExplainer(8)
         >>> out = net(torch.rand(4, 8, 6, 6))
-        >>> out.reconstruction.shape, out.p.shape, float(out.p[0])
+        >>> out.reconstruction.shape, out.p.shape, float(out.p[0].detach())
         (torch.Size([4, 8, 6, 6]), torch.Size([4]), 0.5)
     """
 
