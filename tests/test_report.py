@@ -57,10 +57,12 @@ def _write_metrics(path: Path, *, regularized: bool = True) -> None:
 
 CONCEPT_CSV = """# mode: positive
 # max_length: 3
-neuron,formula,length,auc,fraction,p_value,p_corrected
-0,shape==circle,1,0.61,0.2,0.01,0.05
-1,colour==red OR shape==square,2,0.93,0.3,0.0001,0.0005
-2,NOT background==dark,1,0.75,0.5,0.001,0.005
+neuron,rank,formula,length,auc,fraction,p_value,p_corrected
+0,0,shape==circle,1,0.61,0.2,0.01,0.05
+0,1,RANK_ONE_FORMULA,1,0.99,0.2,0.01,0.05
+1,0,colour==red OR shape==square,2,0.93,0.3,0.0001,0.0005
+2,0,NOT background==dark,1,0.75,0.5,0.001,0.005
+3,0,TIE_LARGER_P,1,0.75,0.5,0.01,0.5
 """
 
 
@@ -131,6 +133,8 @@ def test_synthetic_run_sections_present_and_missing_ones_marked(tmp_path: Path) 
     i93, i75, i61 = (text.index(f"<td>{a}</td>") for a in ("0.93", "0.75", "0.61"))
     assert i93 < i75 < i61
     assert "colour==red OR shape==square" in text
+    assert "RANK_ONE_FORMULA" not in text  # only each unit's best (rank-0) formula
+    assert text.index("NOT background==dark") < text.index("TIE_LARGER_P")  # AUC tie: smaller p first
     # scores over epochs: per-step reg/* values averaged per epoch (steps (0,1), (2,3), (4,5) -> 0.05, 0.25, 0.45)
     assert "<td>reg/informativeness</td><td>epoch (mean)</td><td>0.05</td><td>0.45</td><td>3</td>" in text
     assert "<td>val/informativeness</td><td>epoch</td><td>0.3</td><td>0.4</td><td>3</td>" in text
@@ -255,6 +259,7 @@ E2E_OVERRIDES = [
     "trainer.accelerator=cpu",
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
     "callbacks.progress_bar=null",
     "trainer.enable_model_summary=false",
     "data.num_train=64",

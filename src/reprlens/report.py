@@ -437,21 +437,30 @@ def _section_concept_labels(run: _Run) -> str:
         path = max(paths, key=lambda p: int(_EPOCH_RE.match(p.name).group(1)))  # type: ignore[union-attr]
         params, header, rows = _read_concept_csv(path)
         mode = params.get("mode", "positive")
+        if "rank" in header:  # the best formula of each unit (InvertResult.best): rank 0 of the final beam
+            ir = header.index("rank")
+            rows = [r for r in rows if _float(r[ir]) == 0]
+            if "step" in header and _float(params.get("max_length")) is not None:
+                ist = header.index("step")
+                rows = [r for r in rows if _float(r[ist]) == _float(params.get("max_length"))]
         if "auc" in header:
             ia = header.index("auc")
+            ip = header.index("p_corrected") if "p_corrected" in header else None
 
-            def key(r: list[str], ia: int = ia) -> float:
+            def key(r: list[str], ia: int = ia, ip: int | None = ip) -> tuple[float, float]:
                 a = _float(r[ia])
-                return -math.inf if a is None or math.isnan(a) else (a if mode != "negative" else 1.0 - a)
+                obj = -math.inf if a is None or math.isnan(a) else (a if mode != "negative" else 1.0 - a)
+                p = _float(r[ip]) if ip is not None else None
+                return (-obj, math.inf if p is None or math.isnan(p) else p)
 
-            rows = sorted(rows, key=key, reverse=True)  # stable: ties keep the file order
+            rows = sorted(rows, key=key)  # best objective first, then smallest corrected p; stable for ties
         keep = [c for c in ("neuron", "formula", "length", "auc", "fraction", "p_corrected", "p_value")
                 if c in header] or header
         idx = [header.index(c) for c in keep]
         shown = [[_fmt(_float(r[i])) if c in ("auc", "fraction", "p_corrected", "p_value") and _float(r[i]) is not None
                   else r[i] for c, i in zip(keep, idx)] for r in rows[:_CONCEPT_ROWS]]
         parts.append(f"<h3>layer {html.escape(layer_dir.name)} — {html.escape(_rel(path, run.root))} "
-                     f"({len(rows)} rows, top {len(shown)} by AUC)</h3>")
+                     f"({len(rows)} labelled units, top {len(shown)} by AUC)</h3>")
         parts.append(_table(keep, shown))
         png = path.with_suffix(".png")
         if png.is_file():
