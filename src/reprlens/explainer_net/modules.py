@@ -143,6 +143,11 @@ class PartExplainer(nn.Module):
             raise ValueError(
                 f"Expected `filter_loss_normalize` in ('none', 'batch_peak'), but got {filter_loss_normalize!r}."
             )
+        if learnable_beta:
+            raise NotImplementedError(
+                "PartExplainer(learnable_beta=True): the reference's beta pseudo-gradient (spec 2.5) is not "
+                "implemented yet; use a fixed `beta` (coords='unit_grid' works with a fixed beta)."
+            )
         if not 0 < float(norm_momentum) <= 1:
             raise ValueError(f"Expected `norm_momentum` in (0, 1], but got {norm_momentum!r}.")
         upper = {str(k): tuple(int(d) for d in v) for k, v in (upper_shapes or {}).items()}
