@@ -299,3 +299,44 @@ def test_probe_end_to_end_directions():
     assert res["location_instability/explainer"] < res["location_instability/performer"]
     uncapped = run(None)
     assert res["p_mean"] < uncapped["p_mean"]
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def _li_data():
+    g = torch.Generator().manual_seed(7)
+    maps = torch.relu(torch.randn(60, 3, 4, 4, dtype=D, generator=g))
+    lm = torch.rand(60, 2, 2, dtype=D, generator=g) * 15
+    return maps, lm
+
+
+def _ddp_li_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        maps, lm = _li_data()
+        m = LocationInstability(ReceptiveField((1.5, 1.5), (4.0, 4.0), (18.0, 18.0)), top_k=15)
+        for i in range(0, 60, 6):
+            if (i // 6) % world_size == rank:  # interleaved shards
+                m.update(maps[i : i + 6], lm[i : i + 6], (16, 16))
+        res = m.compute()
+        torch.save({"value": res.value, "per_filter": res.per_filter}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_location_instability_ddp_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_li_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    maps, lm = _li_data()
+    ref = location_instability(maps, lm, ReceptiveField((1.5, 1.5), (4.0, 4.0), (18.0, 18.0)), (16, 16), top_k=15)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(out["per_filter"], ref.per_filter, atol=1e-12, rtol=0)
+        assert float(out["value"]) == pytest.approx(float(ref.value), abs=1e-12)
