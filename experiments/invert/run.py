@@ -53,7 +53,11 @@ def planted_table(cs: ConceptSet, noise: float, seed: int = 0) -> list[dict]:
     default_pos = Invert(cs, max_length=3, beam_size=3).explain(acts).best()
     default_neg = Invert(cs, max_length=3, beam_size=3, mode="negative").explain(acts).best()
     ref_pos = Invert(cs, max_length=3, beam_size=3, compat="reference", min_fraction=0.002).explain(acts).best()
+    own = Invert(cs, correction=None).score(acts, [f for _, f, _ in PLANTED])
     for d, (kind, formula, mode) in enumerate(PLANTED):
+        length = sum(1 for tok in formula.split() if tok not in "&|")
+        short = Invert(cs, max_length=length, beam_size=3, mode=mode).explain(acts[:, d]).best()
+        own_auc = float(own.auc[(own.neuron == d) & (own.rank == d)][0])
         dm = default_neg if mode == "negative" else default_pos
         i = int(np.nonzero(dm.neuron == d)[0][0])
         j = int(np.nonzero(ref_pos.neuron == d)[0][0])
@@ -62,7 +66,9 @@ def planted_table(cs: ConceptSet, noise: float, seed: int = 0) -> list[dict]:
         out.append({
             "kind": kind, "planted": formula, "mode": mode, "noise": noise,
             "default": dm.formula[i], "default_auc": float(dm.auc[i]), "recovered": found,
-            "log10_p_corr": float(dm.log_p_corrected[i] / np.log(10)),
+            "log10_p_corr": float(dm.log_p_corrected[i] / np.log(10)), "planted_auc": own_auc,
+            "default_L_planted": short.formula[0], "default_L_planted_auc": float(short.auc[0]),
+            "recovered_L_planted": bool(torch.equal(short.truth_vector(0), truth)),
             "reference_positive": ref_pos.formula[j], "reference_auc": float(ref_pos.auc[j]),
         })
     return out
@@ -70,6 +76,9 @@ def planted_table(cs: ConceptSet, noise: float, seed: int = 0) -> list[dict]:
 
 def label_units(model: torch.nn.Module, loader, cs: ConceptSet, layer: str, n_perm: int) -> dict:
     acts = ActivationCollector(layer, aggregate="mean").collect(model, loader, device="cpu").tensor()
+    shapes = cs.select([n for n in cs.names if n.startswith("shape=")])
+    res_s = Invert(shapes, max_length=1, beam_size=1, alpha=ALPHA).explain(acts).best()
+    res_s2 = Invert(shapes, max_length=2, beam_size=3, alpha=ALPHA).explain(acts).best()
     res_b = Invert(cs, max_length=3, beam_size=3, alpha=ALPHA).explain(acts)
     res_p = Invert(cs, max_length=3, beam_size=3, alpha=ALPHA, correction="permutation",
                    n_permutations=n_perm).explain(acts)
@@ -84,6 +93,13 @@ def label_units(model: torch.nn.Module, loader, cs: ConceptSet, layer: str, n_pe
         "sig_bonferroni": float((best_b.p_corrected <= 0.05).mean()),
         "sig_permutation": float((best_p.p_corrected <= 0.05).mean()),
         "distinct_best_labels": len(set(best_b.formula)),
+        "acts": acts,
+        "shape_L1_auc_mean": float(res_s.auc.mean()),
+        "shape_L1_frac_auc_gt_0.75": float((res_s.auc > 0.75).mean()),
+        "shape_L1_sig_bonferroni": float((res_s.p_corrected <= 0.05).mean()),
+        "shape_L2_auc_mean": float(res_s2.auc.mean()),
+        "shape_L2_best": sorted(zip(res_s2.auc.round(4).tolist(), res_s2.formula), reverse=True)[:5],
+        "best_label_mentions_shape": float(np.mean(["shape=" in f for f in best_b.formula])),
         "concepts_used": sorted({tok.strip("~()") for f in best_b.formula for tok in f.split() if tok not in "&|"}),
     }
 
@@ -133,12 +149,14 @@ def main() -> None:
     trainer.fit(model, datamodule=dm)
     t_fit = time.time() - t0
     summary["trained"] = label_units(model, loader, cs, "backbone.pool", args.permutations)
+    torch.save(model.state_dict(), out / "run" / "simclr_trained.pt")
     summary["drift"] = [
         {"epoch": r["epoch"], "label_change_fraction": r["label_change_fraction"],
          "best_auc_mean": float(np.mean(list(r["aucs"].values())))} for r in labeler.runs
     ]
     for name in ("untrained", "trained"):
         res = summary[name].pop("result")
+        np.save(out / "run" / f"activations_{name}.npy", summary[name].pop("acts").numpy())
         fig = plot_concept_labels(res, top_k=20, title=f"SimCLR backbone.pool ({name}), top 20 units")
         save_figure(fig, out / f"labels_{name}.png")
         res.to_csv(out / f"labels_{name}.csv")

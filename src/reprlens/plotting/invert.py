@@ -86,12 +86,13 @@ def plot_concept_labels(
                 fontsize=7)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlim(0.5, 1.18)
+    ax.set_xlim(0.5, 1.45 if inset and len(best) > 1 else 1.2)
+    ax.set_xticks(np.linspace(0.5, 1.0, 6))
     ax.set_xlabel("1 - AUC" if negative else "AUC")
     ax.set_title(title or f"Top {len(order)} units by {'AUC' if by == 'auc' else 'corrected p'} "
                  f"(grey: p_corrected > {significance_level:g})", fontsize=9)
     if inset and len(best) > 1:
-        ins = ax.inset_axes([0.78, 0.06, 0.2, 0.25])
+        ins = ax.inset_axes([0.8, 0.06, 0.18, 0.22])  # right of the annotations (x > 1.25)
         ins.hist(score, bins=20, range=(0.5, 1.0), color="0.4")
         ins.set_title("all units", fontsize=6)
         ins.tick_params(labelsize=5)
