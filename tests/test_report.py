@@ -72,7 +72,8 @@ def _synthetic_run(root: Path, *, regularized: bool = True, probe_acc: float = 0
     summary = {
         "task_name": "synthetic", "seed": 1, "optimized_metric": "probe/linear_val_acc",
         "optimized_value": probe_acc,
-        "metrics": {"probe/linear_val_acc": probe_acc, "val/informativeness": 0.4, "val/disentanglement": 0.14,
+        "metrics": {"probe/linear_val_acc": probe_acc, "val/informativeness": 0.4,
+                    "val/disentanglement": 0.14,
                     "train/loss": 0.4},
         "linear_probe": {"linear_val_acc": probe_acc, "knn_val_acc": probe_acc - 0.1},
         "regularized": regularized,
@@ -102,7 +103,8 @@ def _statuses(html_text: str) -> dict[str, str]:
 
 
 def _embedded_pngs(html_text: str) -> list[bytes]:
-    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)]
+    found = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)
+    return [base64.b64decode(m) for m in found]
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -116,7 +118,8 @@ def test_synthetic_run_sections_present_and_missing_ones_marked(tmp_path: Path) 
         assert st[key] == "ok", (key, st[key])
     # missing artefacts: a reason and the missing file, not a failure
     assert st["relax"].startswith("unavailable:") and "relax/" in st["relax"]
-    assert st["influential_examples"].startswith("unavailable:") and "trace.json" in st["influential_examples"]
+    assert st["influential_examples"].startswith("unavailable:")
+    assert "trace.json" in st["influential_examples"]
     assert st["comparison"].startswith("unavailable:") and "summary.json" in st["comparison"]
 
     # self-contained: no external asset
@@ -125,7 +128,8 @@ def test_synthetic_run_sections_present_and_missing_ones_marked(tmp_path: Path) 
     assert all(p.startswith(PNG_SIGNATURE) for p in pngs)
     # ScoreMonitor PNGs: first and last kept verbatim (at most 3 of the 4 steps shown), step order
     figs = run / "tensorboard" / "figures"
-    shown = [p for p in pngs if p in {(figs / f"val_attribution_maps_step{s}.png").read_bytes() for s in (2, 4, 6, 8)}]
+    saved = {(figs / f"val_attribution_maps_step{s}.png").read_bytes() for s in (2, 4, 6, 8)}
+    shown = [p for p in pngs if p in saved]
     assert shown[0] == _png(2) and shown[-1] == _png(8) and len(shown) == 3
     # concept figure embedded verbatim, latest epoch's table, rows sorted by AUC (0.93 > 0.75 > 0.61)
     assert _png(100) in pngs
@@ -135,7 +139,8 @@ def test_synthetic_run_sections_present_and_missing_ones_marked(tmp_path: Path) 
     assert "colour==red OR shape==square" in text
     assert "RANK_ONE_FORMULA" not in text  # only each unit's best (rank-0) formula
     assert text.index("NOT background==dark") < text.index("TIE_LARGER_P")  # AUC tie: smaller p first
-    # scores over epochs: per-step reg/* values averaged per epoch (steps (0,1), (2,3), (4,5) -> 0.05, 0.25, 0.45)
+    # scores over epochs: per-step reg/* values averaged per epoch
+    # (steps (0,1), (2,3), (4,5) -> 0.05, 0.25, 0.45)
     assert "<td>reg/informativeness</td><td>epoch (mean)</td><td>0.05</td><td>0.45</td><td>3</td>" in text
     assert "<td>val/informativeness</td><td>epoch</td><td>0.3</td><td>0.4</td><td>3</td>" in text
     # training curves: last train loss 2 / 6 at step 5
@@ -311,7 +316,7 @@ def test_end_to_end_train_then_report(tmp_path: Path) -> None:
 
 
 def test_influential_examples_from_trace_match_bruteforce(tmp_path: Path) -> None:
-    """A real trace (plain SGD, exact) of a tiny classifier; the ids in the report equal a brute-force ranking."""
+    """A real trace (plain SGD, exact) of a tiny classifier; the report's ids equal a brute-force ranking."""
     import torch
     import torch.nn.functional as F
 
@@ -326,7 +331,8 @@ def test_influential_examples_from_trace_match_bruteforce(tmp_path: Path) -> Non
     (run / ".hydra" / "config.yaml").write_text(
         "seed: 0\n"
         "model: {_target_: reprlens.models.Classifier, in_channels: 3, num_classes: 5, channels: [4, 8]}\n"
-        "data: {_target_: reprlens.data.ShapesDataModule, num_train: 24, num_val: 8, num_test: 8, batch_size: 12,"
+        "data: {_target_: reprlens.data.ShapesDataModule, num_train: 24, num_val: 8, num_test: 8,"
+        " batch_size: 12,"
         " seed: 0}\n"
     )
     model = Classifier(in_channels=3, num_classes=5, channels=(4, 8)).double()
@@ -370,7 +376,8 @@ def test_influential_examples_from_trace_match_bruteforce(tmp_path: Path) -> Non
         c.index_add_(1, ids, contrib)
     dz = c.sum(1)
     score = (c * dz[:, None]).sum(-1) / dz.norm(dim=-1, keepdim=True)
-    rows = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td><td>([^<]*)</td><td>([\d ]+)</td><td>([\d ]+)</td></tr>",
+    rows = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td><td>([^<]*)</td>"
+                      r"<td>([\d ]+)</td><td>([\d ]+)</td></tr>",
                       section)
     assert len(rows) == _NUM_TEST_IMAGES
     for m, (idx, dz_norm, err, pro, opp) in enumerate(rows):
@@ -381,6 +388,6 @@ def test_influential_examples_from_trace_match_bruteforce(tmp_path: Path) -> Non
         opp_ids = [int(v) for v in opp.split()]
         assert len(pro_ids) == len(opp_ids) == _TOP_K
         order = torch.argsort(score[m], descending=True)
-        # compare as sets of the top/bottom k (ties at the boundary are not expected with these random weights)
+        # compare as sets of the top/bottom k (no ties at the boundary expected with random weights)
         assert set(pro_ids) == set(order[:_TOP_K].tolist())
         assert set(opp_ids) == set(order[-_TOP_K:].tolist())

@@ -117,7 +117,7 @@ def _is_child_run(path: Path) -> bool:
 
 
 def _own_files(run_dir: Path) -> list[Path]:
-    """Files of this run (sorted), not descending into nested runs (sub-directories with their own summary)."""
+    """Files of this run (sorted), not descending into nested runs (sub-directories with a summary)."""
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(run_dir):
         here = Path(dirpath)
@@ -158,7 +158,8 @@ def _fig_html(fig: Any, caption: str) -> str:
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    cells = ("".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) for row in rows)
+    body = "".join(f"<tr>{c}</tr>" for c in cells)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -237,7 +238,8 @@ class _Run:
 
     def read_metrics_csv(self) -> tuple[list[str], list[dict[str, str]]]:
         if self.metrics_csv is None:
-            raise _Unavailable("no CSV logger output", "metrics.csv missing; run with logger=default or logger=[csv]")
+            raise _Unavailable("no CSV logger output",
+                               "metrics.csv missing; run with logger=default or logger=[csv]")
         with open(self.metrics_csv, newline="") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
@@ -261,7 +263,9 @@ class _Run:
         return None
 
 
-def _series(rows: Sequence[Mapping[str, str]], column: str, x: str = "step") -> tuple[list[float], list[float]]:
+def _series(
+    rows: Sequence[Mapping[str, str]], column: str, x: str = "step"
+) -> tuple[list[float], list[float]]:
     """``(x, y)`` of the rows where ``column`` was logged (and x is known), in row order."""
     xs, ys = [], []
     for r in rows:
@@ -273,7 +277,7 @@ def _series(rows: Sequence[Mapping[str, str]], column: str, x: str = "step") -> 
 
 
 def _epoch_means(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
-    """Mean of ``ys`` per distinct ``xs`` value, in increasing x (float64 sums in row order: deterministic)."""
+    """Mean of ``ys`` per distinct ``xs`` value, in increasing x (exact float sums: deterministic)."""
     acc: dict[float, list[float]] = {}
     for x, y in zip(xs, ys):
         acc.setdefault(x, []).append(y)
@@ -287,8 +291,8 @@ def _section_config(run: _Run) -> str:
     if run.summary is None:
         raise _Unavailable(run.summary_error or "the run wrote no summary", f"{SUMMARY_FILE} missing")
     s = run.summary
-    info = [(k, s.get(k)) for k in ("task_name", "seed", "epochs", "global_step", "world_size", "optimized_metric",
-                                    "optimized_value") if k in s]
+    keys = ("task_name", "seed", "epochs", "global_step", "world_size", "optimized_metric", "optimized_value")
+    info = [(k, s.get(k)) for k in keys if k in s]
     reg = run.regularized()
     if reg is not None:
         info.append(("regularized", reg))
@@ -299,7 +303,8 @@ def _section_config(run: _Run) -> str:
                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
     metric_probe = [("metrics", k, v) for k, v in sorted(run.metrics().items()) if k.startswith("probe/")]
     if probe_rows or metric_probe:
-        parts.append("<h3>Probe accuracy</h3>" + _table(["source", "metric", "value"], probe_rows or metric_probe))
+        table = _table(["source", "metric", "value"], probe_rows or metric_probe)
+        parts.append("<h3>Probe accuracy</h3>" + table)
     else:
         parts.append('<p class="na">probe accuracy unavailable: no LinearProbe result in summary.json '
                      "(add the linear_probe callback)</p>")
@@ -314,8 +319,8 @@ def _section_config(run: _Run) -> str:
         from omegaconf import OmegaConf
 
         text = OmegaConf.to_yaml(run.config, resolve=False)
-        parts.append(f"<details><summary>Hydra config (.hydra/config.yaml)</summary><pre>{html.escape(text)}</pre>"
-                     "</details>")
+        parts.append("<details><summary>Hydra config (.hydra/config.yaml)</summary>"
+                     f"<pre>{html.escape(text)}</pre></details>")
     return "\n".join(parts)
 
 
@@ -323,7 +328,8 @@ def _section_training_curves(run: _Run) -> str:
     header, rows = run.read_metrics_csv()
     losses = [c for c in header if "loss" in c.rsplit("/", 1)[-1] and not c.startswith("reg/")]
     if not losses:
-        raise _Unavailable("no loss column was logged", f"no '*loss*' column in {_rel(run.metrics_csv, run.root)}")
+        where = _rel(run.metrics_csv, run.root)  # type: ignore[arg-type]
+        raise _Unavailable("no loss column was logged", f"no '*loss*' column in {where}")
     panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for col in sorted(losses):
         stage = col.split("/", 1)[0] if "/" in col else "loss"
@@ -334,7 +340,8 @@ def _section_training_curves(run: _Run) -> str:
         raise _Unavailable("the loss columns hold no values", _rel(run.metrics_csv, run.root))
     from reprlens.plotting.report import plot_metric_curves
 
-    fig = plot_metric_curves(dict(sorted(panels.items(), key=lambda kv: (not kv[0].startswith("train"), kv[0]))))
+    ordered = sorted(panels.items(), key=lambda kv: (not kv[0].startswith("train"), kv[0]))  # train first
+    fig = plot_metric_curves(dict(ordered))
     last = [(col, ys[-1], int(xs[-1])) for p in panels.values() for col, (xs, ys) in p.items()]
     return _fig_html(fig, f"losses over optimizer steps ({_rel(run.metrics_csv, run.root)})") + _table(
         ["metric", "last value", "at step"], last)
@@ -373,7 +380,8 @@ def _section_attribution_maps(run: _Run) -> str:
     pngs = run.find(lambda p: p.suffix == ".png" and "attribution_maps" in p.name)
     if not pngs:
         raise _Unavailable("ScoreMonitor saved no figure",
-                           "no *attribution_maps_step*.png under the run directory; add callbacks=[...,score_monitor]")
+                           "no *attribution_maps_step*.png under the run directory; "
+                           "add callbacks=[...,score_monitor]")
     groups: dict[str, list[Path]] = {}
     for p in pngs:
         groups.setdefault(_STEP_RE.sub("", p.name), []).append(p)
@@ -457,8 +465,9 @@ def _section_concept_labels(run: _Run) -> str:
         keep = [c for c in ("neuron", "formula", "length", "auc", "fraction", "p_corrected", "p_value")
                 if c in header] or header
         idx = [header.index(c) for c in keep]
-        shown = [[_fmt(_float(r[i])) if c in ("auc", "fraction", "p_corrected", "p_value") and _float(r[i]) is not None
-                  else r[i] for c, i in zip(keep, idx)] for r in rows[:_CONCEPT_ROWS]]
+        numeric = ("auc", "fraction", "p_corrected", "p_value")
+        shown = [[_fmt(_float(r[i])) if c in numeric and _float(r[i]) is not None else r[i]
+                  for c, i in zip(keep, idx)] for r in rows[:_CONCEPT_ROWS]]
         parts.append(f"<h3>layer {html.escape(layer_dir.name)} — {html.escape(_rel(path, run.root))} "
                      f"({len(rows)} labelled units, top {len(shown)} by AUC)</h3>")
         parts.append(_table(keep, shown))
@@ -477,7 +486,8 @@ def _trace_dirs(run: _Run) -> list[Path]:
 def _load_model_and_data(run: _Run) -> tuple[Any, Any]:
     """The trained model (last checkpoint) and the datamodule, rebuilt from ``.hydra/config.yaml``."""
     if run.config is None:
-        raise _Unavailable("the model and data config are needed to embed test images", ".hydra/config.yaml missing")
+        raise _Unavailable("the model and data config are needed to embed test images",
+                           ".hydra/config.yaml missing")
     ckpts = run.find(lambda p: p.suffix == ".ckpt")
     last = [p for p in ckpts if p.name == "last.ckpt"] or ckpts
     if not last:
@@ -508,7 +518,7 @@ def _load_model_and_data(run: _Run) -> tuple[Any, Any]:
 
 
 def _layer_forward(model: Any, layer: str, x: Any) -> Callable[[Any, Any], Any]:
-    """A ``forward_fn`` whose forward pass reaches ``layer``: ``model(x)``, else ``model.<head>(model(x))``."""
+    """A ``forward_fn`` reaching ``layer``: ``model(x)``, else ``model.<head>(model(x))``."""
     import torch
 
     from reprlens.utils import get_module
@@ -576,7 +586,7 @@ def _influential_from_trace(run: _Run, tdir: Path) -> str:
     forward_fn = _layer_forward(model, layer, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = reader.contributions(x, layer, model=model, forward_fn=forward_fn)
+        res = reader.contributions(x, layer, model=model, forward_fn=forward_fn, progress=True)
     prop = reader.top_k(res, _TOP_K, proponents=True)
     opp = reader.top_k(res, _TOP_K, proponents=False)
     train = dm.dataset("train").without_views()
@@ -586,11 +596,12 @@ def _influential_from_trace(run: _Run, tdir: Path) -> str:
     names = None
     with contextlib.suppress(Exception):
         names = list(getattr(train, "class_names", None) or getattr(dm, "class_names", None) or []) or None
+    exact = "exact" if not reader.approximations else f"approximate ({', '.join(reader.approximations)})"
     parts = [
-        f"<p>layer <code>{html.escape(layer)}</code>, mode {html.escape(reader.mode)}, "
-        f"{'exact' if not reader.approximations else 'approximate (' + html.escape(', '.join(reader.approximations)) + ')'}"
-        f"; store {html.escape(_rel(tdir, run.root))}. Score: projection of each training example's contribution "
-        "onto the net change of the layer's pre-activation (positive: moved it toward its final value).</p>"
+        f"<p>layer <code>{html.escape(layer)}</code>, mode {html.escape(reader.mode)}, {html.escape(exact)}; "
+        f"store {html.escape(_rel(tdir, run.root))}. Score: projection of each training example's "
+        "contribution onto the net change of the layer's pre-activation (positive: moved it toward its final "
+        "value).</p>"
     ]
     for i in range(n_test):
         fig = plot_top_examples((prop, opp), lambda j: lookup[int(j)], index=i, ncols=_TOP_K, test_image=x[i],
@@ -598,7 +609,8 @@ def _influential_from_trace(run: _Run, tdir: Path) -> str:
         parts.append(_fig_html(fig, f"test image {i}: top {_TOP_K} proponents and opponents"))
     err = res.completeness_error.double()
     parts.append(_table(
-        ["test image", "‖Δz‖", "completeness error", f"top {_TOP_K} proponents (ids)", f"top {_TOP_K} opponents (ids)"],
+        ["test image", "‖Δz‖", "completeness error", f"top {_TOP_K} proponents (ids)",
+         f"top {_TOP_K} opponents (ids)"],
         [(i, float(res.delta_z_norm[i]), float(err[i]), " ".join(str(int(j)) for j in prop.ids[i]),
           " ".join(str(int(j)) for j in opp.ids[i])) for i in range(n_test)],
     ))
@@ -725,13 +737,16 @@ def build_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str]
         True
     """
     if not isinstance(run_dir, (str, os.PathLike)):
-        raise TypeError(f"Expected `run_dir` to be a path (str or os.PathLike), but got {type(run_dir).__name__}.")
+        raise TypeError(
+            f"Expected `run_dir` to be a path (str or os.PathLike), but got {type(run_dir).__name__}."
+        )
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"Expected `out` to be a path or None, but got {type(out).__name__}.")
     root = Path(run_dir)
     if not root.is_dir():
         raise ValueError(
-            f"Expected `run_dir` to be an existing run directory (written by reprlens-train, with summary.json), "
+            "Expected `run_dir` to be an existing run directory (written by reprlens-train, with "
+            "summary.json), "
             f"but {str(root)!r} is not a directory. Pass e.g. outputs/<date>/<time>."
         )
     root = root.resolve()

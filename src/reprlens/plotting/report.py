@@ -58,7 +58,8 @@ def plot_metric_curves(
     for k, (title, series) in enumerate(panels.items()):
         ax = axes[k // cols][k % cols]
         for name, (x, y) in series.items():
-            ax.plot(list(x), list(y), marker="o" if len(x) <= 30 else None, markersize=3, linewidth=1.2, label=name)
+            marker = "o" if len(x) <= 30 else None
+            ax.plot(list(x), list(y), marker=marker, markersize=3, linewidth=1.2, label=name)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
@@ -100,7 +101,9 @@ def plot_run_comparison(
         raise ValueError("plot_run_comparison needs at least one run and one metric.")
     for name, vals in values.items():
         if len(vals) != len(runs):
-            raise ValueError(f"Expected {len(runs)} values for metric {name!r} (one per run), got {len(vals)}.")
+            raise ValueError(
+                f"Expected {len(runs)} values for metric {name!r} (one per run), got {len(vals)}."
+            )
     if groups is not None and len(groups) != len(runs):
         raise ValueError(f"Expected one group per run ({len(runs)}), got {len(groups)}.")
     plt = require_matplotlib()
@@ -121,8 +124,8 @@ def plot_run_comparison(
     if groups is not None:
         from matplotlib.patches import Patch
 
-        axes[0][-1].legend(handles=[Patch(color=palette[i % len(palette)], label=g) for i, g in enumerate(names)],
-                           fontsize=7)
+        handles = [Patch(color=palette[i % len(palette)], label=g) for i, g in enumerate(names)]
+        axes[0][-1].legend(handles=handles, fontsize=7)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
