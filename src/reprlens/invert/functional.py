@@ -660,9 +660,9 @@ def excluded_atoms(concepts: Tensor) -> Tensor:
     """Default-mode exclusions over the 2K atoms: constant truth vectors and repeats of an earlier atom.
 
     Example:
-        >>> c = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+        >>> c = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)  # c2 = c0, c3 empty, c1 = ~c0
         >>> excluded_atoms(c).tolist()
-        [False, True, True, True, False, True, True, True]
+        [False, False, True, True, True, True, True, True]
     """
     n, k = concepts.shape
     atoms = torch.cat([concepts, ~concepts], 1).t().contiguous()  # (2K, N)
