@@ -20,9 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch import nn
 
 from reprlens.capture import LayerCapture
 from reprlens.utils import check_positive_int, get_module, unwrap_model
