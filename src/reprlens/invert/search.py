@@ -221,7 +221,7 @@ class Invert:
         alternative: ``"two-sided"``, ``"greater"`` (concept-positive samples larger) or ``"less"``.
         device: device when activations are not a tensor (default CPU).
         neuron_chunk: units per chunk (default: the largest within ``max_memory``).
-        max_memory: working bytes per unit chunk (default 2 GiB on CPU, half the free CUDA memory); the
+        max_memory: working bytes per unit chunk (default 1 GiB on CPU, half the free CUDA memory); the
             concept caches (N x K as bool, float32 and float64) come on top.
 
     Example:
@@ -372,7 +372,7 @@ class Invert:
             free, _ = torch.cuda.mem_get_info(device)
             budget = free // 2
         else:
-            budget = 2 << 30  # working memory; the concept caches (N x K as bool, f32, f64) come on top
+            budget = 1 << 30  # working memory; the concept caches (N x K as bool, f32, f64) come on top
         b = self.settings.beam_size
         k2 = 2 * self.concepts.num_concepts
         # ranks and sort temporaries (~60 B/sample), beam buffers (bool, f64, f32 and gathers: ~20 B per
