@@ -130,7 +130,7 @@ def _trainer(epochs: int, callbacks: list) -> pl.Trainer:
     )
 
 
-def run_ae(objective: str, k: int, seed: int, epochs: int) -> dict:
+def run_ae(objective: str, k: int, seed: int, epochs: int, alpha: float = 0.1) -> dict:
     from reprlens.data import DigitsDataModule
 
     pl.seed_everything(seed, workers=True)
@@ -139,7 +139,7 @@ def run_ae(objective: str, k: int, seed: int, epochs: int) -> dict:
     hist = History()
     probe = LinearProbe(progress_bar=False)
     callbacks: list = [hist, probe]
-    w_ns, w_vs = OBJECTIVES[objective]
+    w_ns, w_vs = (w * alpha / 0.1 for w in OBJECTIVES[objective])
     if w_ns or w_vs:
         callbacks.append(ExplanationRegularization(
             "encoder.conv2", "encoder.fc1", informativeness=w_ns, disentanglement=w_vs,
@@ -149,7 +149,8 @@ def run_ae(objective: str, k: int, seed: int, epochs: int) -> dict:
     t0 = time.time()
     _trainer(epochs, callbacks).fit(model, datamodule=dm)
     return {
-        "study": "autoencoder_digits", "objective": objective, "K": k, "seed": seed, "epochs": epochs,
+        "study": "autoencoder_digits", "objective": objective if alpha == 0.1 or objective == "normal"
+        else f"{objective} (alpha={alpha:g})", "K": k, "seed": seed, "epochs": epochs, "alpha": alpha,
         "val_acc_last": hist.val_acc[-1], "val_acc_best": max(hist.val_acc),
         "probe_val_acc": probe.results.get("linear_val_acc"), "probe_test_acc": probe.results.get("linear_test_acc"),
         "knn_val_acc": probe.results.get("knn_val_acc"),
@@ -208,15 +209,16 @@ def collect() -> str:
         lines.append("|" + "---|" * len(head))
         for k in sorted({r["K"] for r in sub}):
             base = {r["seed"]: r for r in sub if r["K"] == k and r["objective"] == "normal"}
-            for obj in OBJECTIVES:
+            for obj in sorted({r["objective"] for r in sub}, key=lambda o: (o.split(" ")[0] not in OBJECTIVES,
+                                                                              list(OBJECTIVES).index(o.split(" ")[0]), o)):
                 rs = [r for r in sub if r["K"] == k and r["objective"] == obj]
                 if not rs:
                     continue
                 diffs = [r["probe_val_acc"] - base[r["seed"]]["probe_val_acc"] for r in rs if r["seed"] in base]
                 cells = [obj, str(k), str(len(rs)), *(_fmt([r.get(c) for r in rs]) for c in cols),
                          _fmt(diffs) if obj != "normal" else "—",
-                         _fmt([r.get("reg/informativeness") for r in rs], 1.0) if obj in ("informativeness", "both") else "—",
-                         _fmt([r.get("reg/disentanglement") for r in rs], 1.0) if obj in ("disentanglement", "both") else "—",
+                         _fmt([r.get("reg/informativeness") for r in rs], 1.0) if obj.split(" ")[0] in ("informativeness", "both") else "—",
+                         _fmt([r.get("reg/disentanglement") for r in rs], 1.0) if obj.split(" ")[0] in ("disentanglement", "both") else "—",
                          f"{statistics.median([r['step_ms'] for r in rs]):.1f}"]
                 lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
@@ -230,6 +232,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--alpha", type=float, default=0.1, help="weight of each active score (reference: 0.1)")
     p.add_argument("--simclr", action="store_true", help="run the SimCLR-on-shapes study instead")
     p.add_argument("--collect", action="store_true", help="only rebuild the tables from results/*.json")
     p.add_argument("--threads", type=int, default=1)
@@ -247,7 +250,8 @@ def main(argv=None) -> None:
                     print(json.dumps(out))
                     continue
                 for k in args.dims:
-                    out, name = run_ae(obj, k, seed, args.epochs), f"ae_{obj}_K{k}_s{seed}.json"
+                    suffix = "" if args.alpha == 0.1 or obj == "normal" else f"_a{args.alpha:g}"
+                    out, name = run_ae(obj, k, seed, args.epochs, args.alpha), f"ae_{obj}{suffix}_K{k}_s{seed}.json"
                     (RESULTS / name).write_text(json.dumps(out, indent=2))
                     print(json.dumps(out))
     print(collect())
