@@ -532,3 +532,47 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     for name in e0:
         torch.testing.assert_close(g0[name], g1[name], rtol=0, atol=0)
         torch.testing.assert_close(g0[name], (e0[name] + e1[name]) / 2, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("head_mode", ["graph", "detected"])
+def test_trace_and_regularizer_together_stay_exact(tmp_path, head_mode):
+    """The regularizer's extra forwards (noise reference, head re-runs, inner VJPs) are invisible to
+    TrainingTrace. A backbone layer below the source stays exact (W_0 + sum_i A_i = W_T: the score reaches it
+    only through the output gradient). A layer inside the regularizer's head gets a second-order gradient that
+    no per-example factor pair describes: the strict trace refuses it with its consistency error."""
+    from reprlens.callbacks import TrainingTrace
+    from reprlens.trace import TraceReader
+
+    class Indexed(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"image": self.x[i], "y": self.y[i], "index": i}
+
+    class DictNet(TinyNet):
+        def training_step(self, batch, batch_idx):
+            return ((self(batch["image"]) - batch["y"]) ** 2).mean()
+
+    torch.manual_seed(0)
+    x, y = _data(n=16)
+    loader = torch.utils.data.DataLoader(Indexed(x, y), batch_size=8, shuffle=False)
+
+    def fit(layer, where):
+        trace = TrainingTrace([layer], mode="representation", dirpath=tmp_path / where, dtype="float64",
+                              flush_every_n_steps=1)
+        reg = ExplanationRegularization("backbone", "head", informativeness=0.2, disentanglement=0.5,
+                                        detect_head=head_mode == "detected", num_noise=4)
+        _trainer([reg, trace], precision="64-true", max_steps=4).fit(DictNet().double(), loader)
+        return reg
+
+    reg = fit("backbone.2", "ok")
+    assert reg.num_regularized_steps == 4
+    report = TraceReader(tmp_path / "ok").completeness("backbone.2")
+    assert report.missing_steps == [] and report.duplicate_steps == []
+    assert max(report.weight_error_rel.values()) < 1e-10, report
+    with pytest.raises(RuntimeError, match="consistency check"):
+        fit("head.2", "head")

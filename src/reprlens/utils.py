@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import math
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import nn
@@ -14,6 +16,8 @@ __all__ = [
     "check_finite_nonneg",
     "check_positive_int",
     "closest_names",
+    "extra_forward",
+    "in_extra_forward",
     "get_module",
     "module_names",
     "require",
@@ -158,3 +162,32 @@ def check_finite_nonneg(value: Any, name: str) -> float:
     if not math.isfinite(out) or out < 0:
         raise ValueError(f"Expected argument `{name}` to be finite and >= 0, but got {value!r}.")
     return out
+
+
+_EXTRA = threading.local()
+
+
+@contextlib.contextmanager
+def extra_forward() -> Iterator[None]:
+    """Mark forwards/backwards that reprlens runs for itself (noise references, head re-runs, inner VJPs).
+
+    Recorders that observe training (e.g. :class:`reprlens.callbacks.TrainingTrace`) ignore everything that
+    happens inside this context, so one reprlens callback's extra work never shows up in another's record.
+
+    Example:
+        >>> with extra_forward():
+        ...     in_extra_forward()
+        True
+        >>> in_extra_forward()
+        False
+    """
+    _EXTRA.depth = getattr(_EXTRA, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _EXTRA.depth -= 1
+
+
+def in_extra_forward() -> bool:
+    """Whether the current thread is inside :func:`extra_forward`."""
+    return getattr(_EXTRA, "depth", 0) > 0

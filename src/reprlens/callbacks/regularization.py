@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from reprlens.utils import check_positive_int, get_module, unwrap_model
+from reprlens.utils import check_positive_int, extra_forward, get_module, unwrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -473,6 +473,11 @@ class ExplanationRegularization(Callback):
                 f"ExplanationRegularization: the layers {self.source_layer!r} and/or {self.target_layer!r} did not"
                 " run during training_step; check the layer names against the module's forward."
             )
+        with extra_forward():  # invisible to other recorders (TrainingTrace)
+            return self._regularize(output, loss, capture, sources, targets, detect, pl_module, trainer, args, kwargs)
+
+    def _regularize(self, output: Any, loss: Tensor, capture: Any, sources: list[Tensor], targets: list[Tensor],
+                    detect: bool, pl_module: Any, trainer: Any, args: tuple, kwargs: dict) -> Any:
         if detect:
             self._head_checked = True
             self._head = self._detect_head(capture, sources[0], targets[0])

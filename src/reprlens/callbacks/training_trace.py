@@ -35,8 +35,10 @@ __all__ = ["TrainingTrace"]
 def _default_labels(batch: Any) -> Tensor | None:
     if isinstance(batch, Mapping):
         for key in ("label", "labels", "y", "target"):
-            if key in batch and isinstance(batch[key], Tensor):
-                return batch[key]
+            value = batch.get(key)
+            # class labels only: one integer per row (regression targets are not labels)
+            if isinstance(value, Tensor) and value.ndim == 1 and not value.is_floating_point():
+                return value
     return None
 
 

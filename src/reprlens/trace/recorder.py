@@ -52,7 +52,7 @@ from reprlens.trace import store as S
 from reprlens.trace.functional import LayerSpec, layer_spec, per_example_grads
 from reprlens.trace.ids import default_example_ids, to_id_tensor
 from reprlens.trace.projection import project_factors, projection_matrices
-from reprlens.utils import check_positive_int, get_module, unwrap_model
+from reprlens.utils import check_positive_int, get_module, in_extra_forward, unwrap_model
 
 __all__ = ["DTYPES", "MODES", "TraceRecorder"]
 
@@ -353,8 +353,8 @@ class TraceRecorder:
     # ------------------------------------------------------------------ hooks
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            if not self._active or not torch.is_grad_enabled() or not self._pending:
-                return
+            if not self._active or not torch.is_grad_enabled() or not self._pending or in_extra_forward():
+                return  # extra forwards of other reprlens callbacks (noise references, head re-runs) are not steps
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
             slot: list = [inputs[0].detach(), None]
@@ -698,7 +698,9 @@ class TraceRecorder:
                 msg = (
                     f"Trace consistency check {what} failed at step {step}: relative error {val:.3g} > {tol:g}. "
                     "Something changes the gradient or the update beyond the recorded rows (weight tying, an "
-                    "unhooked call, hidden weight decay, an optimizer wrapper or external edits)."
+                    "unhooked call, hidden weight decay, an optimizer wrapper, external edits, or this layer sitting "
+                    "inside an ExplanationRegularization head, whose second-order score gradient has no per-example "
+                    "factors: trace a layer below the regularizer's source layer instead)."
                 )
                 if self.strict and self.mode == "representation":
                     raise RuntimeError(msg)
