@@ -82,7 +82,7 @@ def _naive_scores(model, x, noise):
 
 def gate(head_fn, k: int) -> None:
     torch.manual_seed(0)
-    model = SmallCNN(head_fn(k), width=8).double().eval()
+    model = SmallCNN(head_fn(k)).double().eval()
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     noise = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     want = _naive_scores(model, x, noise)
@@ -97,7 +97,7 @@ def gate(head_fn, k: int) -> None:
 def bench_t1(args) -> dict:
     torch.manual_seed(0)
     k, n = args.k, args.batch
-    model = SmallCNN(head_a(k)).train()
+    model = SmallCNN(head_a(k), backbone=args.backbone).train()
     x = torch.rand(n, 3, 32, 32)
     noise = torch.rand(args.num_noise, 3, 32, 32)
     mlp = model.head.mlp
@@ -111,7 +111,8 @@ def bench_t1(args) -> dict:
         "generic_vmap_both": ExplanationRegularizer(0.1, 0.1, head=generic),
         "graph_only_both": ExplanationRegularizer(0.1, 0.1),
     }
-    out = {"config": {"K": k, "batch": n, "num_noise": args.num_noise, "head": "A (GAP, 64-256-K MLP)"}}
+    out = {"config": {"K": k, "batch": n, "num_noise": args.num_noise, "head": "A (GAP, 64-256-K MLP)",
+                      "backbone": args.backbone}}
     for name, reg in variants.items():
         if args.smoke and name.startswith("graph"):
             continue
@@ -126,7 +127,7 @@ def bench_t1(args) -> dict:
 def bench_t2(args) -> dict:
     torch.manual_seed(0)
     k, n = args.k, args.batch
-    model = SmallCNN(head_b(k)).train()
+    model = SmallCNN(head_b(k), backbone=args.backbone).train()
     x = torch.rand(n, 3, 32, 32)
     noise = torch.rand(args.num_noise, 3, 32, 32)
     with torch.no_grad():
@@ -163,6 +164,8 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--m", type=int, default=16, help="dims sampled by the subset estimator")
     p.add_argument("--only", choices=["t1", "t2"], default=None)
+    p.add_argument("--backbone", choices=["light", "standard"], default="standard",
+                   help="bench_captum.SmallCNN backbone (standard: ~63 MFLOP/sample, the spec's anchor setting)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)

@@ -44,3 +44,20 @@ def test_get_module_lists_closest_names():
         get_module(net, "backbone.O")
     with pytest.raises(TypeError, match="dotted module path"):
         get_module(net, 3)  # type: ignore[arg-type]
+
+
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
+    """The README's quickstart, with tiny sizes substituted, trains and logs the promised metrics."""
+    readme = (ROOT / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)[0]
+    small = code.replace("max_epochs=3", "max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, "
+                                         "enable_checkpointing=False, enable_progress_bar=False")
+    small = small.replace("num_train=2048", "num_train=64, num_val=32, num_test=32, batch_size=16")
+    assert small != code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(small, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    metrics = namespace["trainer"].callback_metrics
+    for key in ("reg/informativeness", "reg/disentanglement", "val/informativeness", "val/disentanglement"):
+        assert key in metrics, key
+    assert "linear_val_acc" in namespace["callbacks"][2].results

@@ -361,7 +361,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
         path = out_dir / SUMMARY_FILE
         path.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
         log.info("Wrote %s", path)
+        if cfg.get("report", True):
+            _write_report(out_dir)
     return metrics
+
+
+def _write_report(out_dir: Path) -> None:
+    """Build ``report.html`` in the run directory; a failure is logged, never fatal (the run itself succeeded)."""
+    try:
+        from reprlens.report import build_report
+
+        log.info("Wrote %s", build_report(out_dir))
+    except Exception as err:  # noqa: BLE001 - the report is a by-product; `reprlens-report RUN_DIR` can retry
+        log.warning("Could not build the report (%s: %s); rebuild it with `reprlens-report %s`.",
+                    type(err).__name__, err, out_dir)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://reprlens.conf", config_name="train")
