@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from reprlens.callbacks import _shared
 from reprlens.utils import check_positive_int, extra_forward, get_module, unwrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,41 +40,15 @@ _NONFINITE = ("skip_term", "skip_step", "raise")
 
 
 def default_inputs_fn(batch: Any) -> Tensor:
-    """Find the model inputs in a batch: a Tensor, a dict (``"views"[0]`` or ``"image"``/``"images"``/
-    ``"x"``/``"input"``), or a tuple/list whose first element is a Tensor or a list of views (the layouts of
-    lightly, solo-learn and bolts).
-
-    Raises:
-        TypeError: for any other layout; pass ``inputs_fn`` to the callback then.
+    """Model inputs of a training batch (the first view of a two-view batch); see
+    :func:`reprlens.callbacks._shared.default_inputs_fn` for the layouts.
 
     Example:
         >>> import torch
         >>> default_inputs_fn({"image": torch.zeros(2, 3, 4, 4), "label": torch.zeros(2)}).shape
         torch.Size([2, 3, 4, 4])
     """
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        views = batch.get("views")
-        if isinstance(views, (list, tuple)) and views and isinstance(views[0], Tensor):
-            return views[0]
-        for key in ("image", "images", "x", "input", "inputs"):
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-    elif isinstance(batch, (list, tuple)) and batch:
-        first = batch[0]
-        if isinstance(first, Tensor):
-            return first
-        if isinstance(first, (list, tuple)) and first and isinstance(first[0], Tensor):
-            return first[0]
-    raise TypeError(
-        f"Cannot find the model inputs in a batch of type {type(batch).__name__}. Pass"
-        " `inputs_fn=lambda batch: ...` returning the input tensor the model's forward takes."
-    )
-
-
-def _default_forward_fn(pl_module: nn.Module, x: Tensor) -> Any:
-    return pl_module(x)
+    return _shared.default_inputs_fn(batch, prefer_views=True, owner="ExplanationRegularization")
 
 
 def _bn_modules(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
@@ -240,7 +215,7 @@ class ExplanationRegularization(Callback):
         self.head_spec = head
         self.pooled_head = pooled_head
         self.inputs_fn = inputs_fn or default_inputs_fn
-        self.forward_fn = forward_fn or _default_forward_fn
+        self.forward_fn = forward_fn or _shared.default_forward_fn
         self.log_prefix = log_prefix
         self.seed = int(seed)
         self.warmup_steps = warmup_steps
@@ -305,15 +280,7 @@ class ExplanationRegularization(Callback):
         root = unwrap_model(pl_module)
         get_module(root, self.source_layer, what="source layer")
         get_module(root, self.target_layer, what="target layer")
-        if self.pooled_head is not None:
-            from reprlens.attribution import PooledHead
-
-            self._head = PooledHead(get_module(root, self.pooled_head, what="pooled head"))
-        elif isinstance(self.head_spec, str):
-            self._head = get_module(root, self.head_spec, what="head")
-        elif callable(self.head_spec):
-            fn = self.head_spec
-            self._head = lambda h: fn(pl_module, h)
+        self._head = _shared.resolve_head(pl_module, self.head_spec, self.pooled_head)
         if self._generator is None or self._generator.device != pl_module.device:
             state = self._generator.get_state() if self._generator is not None else None
             self._generator = torch.Generator(device=pl_module.device)
@@ -551,27 +518,7 @@ class ExplanationRegularization(Callback):
 
     # ------------------------------------------------------------------ noise reference
     def _noise_inputs(self, x: Tensor) -> Tensor:
-        gen = self._generator
-        m = self.num_noise
-        if isinstance(self.noise, Tensor):
-            return self.noise.to(device=x.device, dtype=x.dtype)
-        if callable(self.noise):
-            return self.noise(x, gen)
-        shape = (m, *x.shape[1:])
-        xd = x.detach()
-        reduce_dims = [d for d in range(xd.ndim) if d != 1] if xd.ndim > 1 else [0]
-        view = [1] * xd.ndim
-        if xd.ndim > 1:
-            view[1] = xd.shape[1]
-        if self.noise == "uniform":
-            lo = xd.amin(dim=reduce_dims).reshape(view)
-            hi = xd.amax(dim=reduce_dims).reshape(view)
-            u = torch.rand(shape, generator=gen, device=x.device, dtype=torch.float32).to(x.dtype)
-            return lo + (hi - lo) * u
-        mean = xd.float().mean(dim=reduce_dims).reshape(view)
-        std = xd.float().std(dim=reduce_dims).reshape(view)
-        g = torch.randn(shape, generator=gen, device=x.device, dtype=torch.float32)
-        return (mean + std * g).to(x.dtype)
+        return _shared.noise_inputs(x, self.noise, self.num_noise, self._generator)
 
     def _reference(self, batch: Any, pl_module: Any) -> tuple[Tensor, Tensor | None]:
         from reprlens.capture import LayerCapture

@@ -22,8 +22,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
+from reprlens.callbacks import _shared
 from reprlens.scores.metrics import Disentanglement, Informativeness
 from reprlens.utils import check_positive_int, get_module, unwrap_model
 
@@ -52,33 +53,7 @@ NoiseFn = Callable[[Tensor, torch.Generator], Tensor]
 def _default_inputs_fn(batch: Any) -> Tensor:
     """Model inputs of a batch: ``batch["image"]`` (else ``batch["views"][0]``) for dicts, the batch itself
     for tensors, the first element of tuples/lists (or its first view when it is a list of views)."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        if isinstance(batch.get("image"), Tensor):
-            return batch["image"]
-        views = batch.get("views")
-        if isinstance(views, (list, tuple)) and views and isinstance(views[0], Tensor):
-            return views[0]
-    elif isinstance(batch, (list, tuple)) and batch:
-        first = batch[0]
-        if isinstance(first, Tensor):
-            return first
-        if isinstance(first, (list, tuple)) and first and isinstance(first[0], Tensor):
-            return first[0]
-    if isinstance(batch, Mapping):
-        layout = f"dict with keys {sorted(map(str, batch))}"
-    else:
-        layout = type(batch).__name__
-    raise TypeError(
-        f"ScoreMonitor cannot find the model inputs in a batch of type {layout}: expected a Tensor, a dict "
-        "with 'image' (or 'views'), or a tuple/list whose first element is a Tensor or a list of views. "
-        "Pass `inputs_fn=lambda batch: ...` returning the tensor the model's forward takes."
-    )
-
-
-def _default_forward_fn(pl_module: Any, x: Tensor) -> Any:
-    return pl_module(x)
+    return _shared.default_inputs_fn(batch, prefer_views=False, owner="ScoreMonitor")
 
 
 class ScoreMonitor(Callback):
@@ -264,7 +239,7 @@ class ScoreMonitor(Callback):
         self.head = head
         self.pooled_head = pooled_head
         self.inputs_fn: InputsFn = inputs_fn or _default_inputs_fn
-        self.forward_fn: ForwardFn = forward_fn or _default_forward_fn
+        self.forward_fn: ForwardFn = forward_fn or _shared.default_forward_fn
         self.prefix = prefix
         self.seed = seed
         self.eps = float(eps)
@@ -315,15 +290,7 @@ class ScoreMonitor(Callback):
         root = unwrap_model(pl_module)
         get_module(root, self.source_layer, what="source layer")
         get_module(root, self.target_layer, what="target layer")
-        if self.pooled_head is not None:
-            from reprlens.attribution import PooledHead
-
-            self._head_fn = PooledHead(get_module(root, self.pooled_head, what="pooled head"))
-        elif isinstance(self.head, str):
-            self._head_fn = get_module(root, self.head, what="head")
-        elif self.head is not None:
-            head, module = self.head, pl_module
-            self._head_fn = lambda h: head(module, h)
+        self._head_fn = _shared.resolve_head(pl_module, self.head, self.pooled_head)
         if self.method == "expected_gradients":
             self._attributor = self._make_attributor(pl_module)
         self._move_metrics(pl_module)
@@ -506,29 +473,7 @@ class ScoreMonitor(Callback):
     def _noise_inputs(self, x: Tensor) -> Tensor:
         """Reference inputs for informativeness (spec 2.5), drawn with a generator seeded by ``seed``."""
         generator = torch.Generator().manual_seed(self.seed)  # CPU draws: identical on every device
-        if isinstance(self.noise, Tensor):
-            return self.noise.to(device=x.device, dtype=x.dtype)
-        if callable(self.noise):
-            out = self.noise(x, generator)
-            if not isinstance(out, Tensor):
-                raise TypeError(
-                    f"The `noise` callable must return a Tensor, but returned {type(out).__name__}."
-                )
-            return out.to(x.device)
-        xd = x.detach().float()
-        shape = (self.num_noise, *x.shape[1:])
-        axes = [d for d in range(xd.ndim) if d != 1] if xd.ndim > 1 else [0]
-        view = [1] * xd.ndim
-        if xd.ndim > 1:
-            view[1] = xd.shape[1]
-        if self.noise == "uniform":
-            lo = xd.amin(dim=axes).reshape(view)
-            hi = xd.amax(dim=axes).reshape(view)
-            u = torch.rand(shape, generator=generator).to(x.device)
-            return (lo + (hi - lo) * u).to(x.dtype)
-        mean = xd.mean(dim=axes).reshape(view)
-        std = xd.std(dim=axes).reshape(view) if xd.numel() > 1 else torch.zeros_like(mean)
-        return (mean + std * torch.randn(shape, generator=generator).to(x.device)).to(x.dtype)
+        return _shared.noise_inputs(x, self.noise, self.num_noise, generator)
 
     # ------------------------------------------------------------------ figure
     def _figure(self, probe: Tensor, maps: Tensor) -> Figure:
