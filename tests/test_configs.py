@@ -146,12 +146,23 @@ def test_every_logger_config_instantiates(tmp_path):
 def test_every_callback_config_instantiates(tmp_path):
     """One file per callback, whose top-level key names the entry; each builds its callback."""
     for opt in options("callbacks"):
-        if opt in ("default", "none"):
+        if opt in ("default", "none", "main"):  # collections of callback configs, tested below
             continue
         cfg = _compose([f"callbacks=[{opt}]"], tmp_path)
         assert list(cfg.callbacks) == [opt], f"conf/callbacks/{opt}.yaml must have the single top-level key {opt!r}"
         (cb,) = instantiate_callbacks(cfg.callbacks)
         assert isinstance(cb, pl.Callback), (opt, type(cb))
+
+
+def test_main_callbacks_collection_instantiates(tmp_path):
+    """callbacks=main (experiment=main): every reprlens callback plus the regularizer, all instantiated."""
+    cfg = _compose(["experiment=main"], tmp_path)
+    names = {type(cb).__name__ for cb in instantiate_callbacks(cfg.callbacks)}
+    assert {"ExplanationRegularization", "ScoreMonitor", "RelaxMonitor", "ConceptLabeler", "TrainingTrace",
+            "LinearProbe", "ModelCheckpoint"} <= names
+    assert cfg.trainer.inference_mode is False
+    cfg = _compose(["experiment=main", "callbacks/regularizer=none"], tmp_path)
+    assert "ExplanationRegularization" not in {type(cb).__name__ for cb in instantiate_callbacks(cfg.callbacks)}
 
 
 @pytest.mark.parametrize("opt", ["default", "cpu", "ddp", "debug", "gpu"])
