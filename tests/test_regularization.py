@@ -576,3 +576,20 @@ def test_trace_and_regularizer_together_stay_exact(tmp_path, head_mode):
     assert max(report.weight_error_rel.values()) < 1e-10, report
     with pytest.raises(RuntimeError, match="consistency check"):
         fit("head.2", "head")
+
+
+def test_fp16_mixed_with_grad_scaler_on_cpu_stays_finite():
+    """16-mixed on CPU through an explicit MixedPrecision plugin with a GradScaler: finite weights and scores
+    once the scaler has settled (the head is re-run in fp32, so the inner gradients are fp32)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    x, y = _data(n=32, dtype=torch.float32)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    cb = ExplanationRegularization("backbone", "head", informativeness=0.1, disentanglement=0.1)
+    trainer = _trainer([cb], max_steps=6, plugins=[plugin])
+    trainer.fit(model, _loader(x, y, 8))
+    assert cb.num_regularized_steps == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(trainer.callback_metrics["reg/total"])
