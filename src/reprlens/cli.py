@@ -138,6 +138,33 @@ def _check_config(cfg: Any) -> None:
         )
 
 
+def _reg_weight(cfg: DictConfig) -> float | None:
+    """The optional top-level ``reg_weight`` key (regularizer-weight sweeps), as a float, or None when unset."""
+    value = cfg.get("reg_weight")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"Expected `reg_weight` to be a finite number >= 0 (0: no regularizer, the baseline), but got {value!r}. "
+            "Set e.g. `reg_weight=0.1`, or `reg_weight=null` to leave callbacks.regularizer as configured."
+        )
+    return float(value)
+
+
+def _apply_reg_weight(cfg: DictConfig) -> Any:
+    """``cfg.callbacks`` with ``regularizer`` dropped when the top-level ``reg_weight`` is 0 (the baseline).
+
+    ``conf/experiment/sweep_regularizer.yaml`` interpolates ``reg_weight`` into the regularizer's weights;
+    ``ExplanationRegularization`` needs a weight > 0, so weight 0 means "no regularizer" and the entry is removed.
+    """
+    callbacks_cfg = cfg.get("callbacks")
+    if _reg_weight(cfg) != 0.0 or not isinstance(callbacks_cfg, DictConfig) or "regularizer" not in callbacks_cfg:
+        return callbacks_cfg
+    log.info("reg_weight=0: running without the explanation regularizer (the baseline)")
+    # a plain dict of the nodes: they keep their parent, so interpolations such as ${paths.output_dir} resolve
+    return {k: callbacks_cfg[k] for k in callbacks_cfg if k != "regularizer"}
+
+
 def _output_dir(cfg: DictConfig, trainer: Any) -> Path:
     """The run directory: ``paths.output_dir`` when it resolves, else the trainer's ``default_root_dir``."""
     try:
@@ -309,7 +336,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, _convert_="all")
     log.info("Instantiating model <%s>", cfg.model.get("_target_"))
     model = instantiate(cfg.model, _convert_="all")
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = instantiate_callbacks(_apply_reg_weight(cfg))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer.get("_target_"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False, _convert_="all")
@@ -345,6 +372,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         summary = {
             "task_name": cfg.get("task_name"),
             "seed": cfg.get("seed"),
+            # read by reprlens-report's regularized-vs-baseline comparison and the sweep's results table
+            "regularized": any(type(cb).__name__ == "ExplanationRegularization" for cb in trainer.callbacks),
+            "reg_weight": _reg_weight(cfg),
             "optimized_metric": cfg.get("optimized_metric"),
             "optimized_value": metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None,
             "metrics": metrics,

@@ -774,7 +774,92 @@ def build_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str]
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out_path)
     _update_summary(root, out_path, sections)
+    if children and out is None:
+        _write_results_table(root, children)
     return out_path
+
+
+RESULTS_MD = "results.md"
+RESULTS_CSV = "results.csv"
+
+
+def _job_overrides(run: _Run) -> list[str]:
+    """The run's Hydra command-line overrides (``.hydra/overrides.yaml``), minus the sweep's own ``hydra.*`` ones."""
+    path = run.root / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    try:
+        items = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # noqa: BLE001 - a damaged file: the run is grouped by its regularizer flag instead
+        return []
+    return [str(o) for o in items or [] if not str(o).lstrip("+~").startswith("hydra.")]
+
+
+def _results_rows(root: Path, children: Sequence[_Run]) -> tuple[list[str], list[list[Any]], list[list[Any]]]:
+    """(metric keys, one row per run, one row per setting) of a multirun's results table.
+
+    A setting is the run's overrides other than ``seed=...`` (e.g. ``reg_weight=0.1``; runs without overrides
+    are grouped as ``regularized`` / ``baseline``); its row holds ``mean ± std`` (sample std) over its runs.
+    """
+    keys = [k for k in _COMPARE_KEYS if any(k in c.metrics() for c in children)]
+    keys += sorted({k for c in children for k in c.metrics() if k.startswith(("probe/", "reg/")) and k not in keys})
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~")
+
+    overrides = [_job_overrides(c) for c in children]
+    values: dict[str, set[str]] = {}
+    for ov in overrides:
+        for o in ov:
+            values.setdefault(key(o), set()).add(o)
+    # the swept keys: overrides whose value differs between the runs (the seed is averaged over)
+    swept = {k for k, v in values.items() if k != "seed" and (len(v) > 1 or any(
+        not any(key(o) == k for o in ov) for ov in overrides))}
+    settings = []
+    for c, ov in zip(children, overrides):
+        chosen = [o for o in ov if key(o) in swept]
+        flag = c.regularized()
+        settings.append(" ".join(chosen) if chosen else ("regularized" if flag else "baseline" if flag is False else "?"))
+    runs = [[_rel(c.root, root), st, (c.summary or {}).get("seed"), c.regularized(), *[c.metrics().get(k) for k in keys]]
+            for c, st in zip(children, settings)]
+    groups = []
+    for st in dict.fromkeys(settings):
+        members = [c for c, s2 in zip(children, settings) if s2 == st]
+        row: list[Any] = [st, len(members)]
+        for k in keys:
+            xs = [float(v) for v in (c.metrics().get(k) for c in members)
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+            if not xs:
+                row.append(None)
+                continue
+            mean = sum(xs) / len(xs)
+            std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+            row.append(f"{mean:.4g} ± {std:.2g}")
+        groups.append(row)
+    return keys, runs, groups
+
+
+def _write_results_table(root: Path, children: Sequence[_Run]) -> None:
+    """Write ``results.md`` (per setting and per run) and ``results.csv`` (per run) into a multirun directory."""
+    keys, runs, groups = _results_rows(root, children)
+
+    def md(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+        cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cell(v).replace("|", "\\|") for v in r) + " |" for r in rows]
+        return "\n".join(lines)
+
+    text = (
+        f"# Results of {root.name}\n\nMean ± sample std over the runs of each setting (the swept values other "
+        "than the seed):\n\n" + md(["setting", "runs", *keys], groups)
+        + "\n\n## Runs\n\n" + md(["run", "setting", "seed", "regularized", *keys], runs) + "\n"
+    )
+    (root / RESULTS_MD).write_text(text, encoding="utf-8")
+    with open(root / RESULTS_CSV, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "setting", "seed", "regularized", *keys])
+        writer.writerows([["" if v is None else v for v in r] for r in runs])
 
 
 def _update_summary(root: Path, out_path: Path, sections: Sequence[_Section]) -> None:
