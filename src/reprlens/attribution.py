@@ -107,8 +107,12 @@ def normalize_maps(maps: Tensor, *, eps: float = 1e-6, mode: str = "minmax", sta
     if mode == "minmax":
         lo = flat.amin(dim=-1, keepdim=True)
         rng = hi - lo
-        valid = rng > eps * scale
-        out = torch.where(valid, (flat - lo) / torch.where(valid, rng, one), zero)
+        # hi - lo overflows to inf for finite maps spanning more than the dtype's max (e.g. +-3e38 in
+        # float32): halve both operands there (exact for normal floats, so the ratio is unchanged)
+        half = torch.where(torch.isinf(rng) & torch.isfinite(scale), 0.5, 1.0).to(flat.dtype)
+        rng = hi * half - lo * half
+        valid = rng > eps * scale * half
+        out = torch.where(valid, (flat * half - lo * half) / torch.where(valid, rng, one), zero)
     else:  # "max"
         valid = hi > eps * scale
         out = torch.where(valid, flat / torch.where(valid, hi, one), zero)
@@ -436,6 +440,11 @@ def _check_source(source: Tensor) -> None:
         raise TypeError(f"Expected a floating-point `source`, but got dtype {source.dtype}.")
     if source.ndim < 2:
         raise ValueError(f"Expected `source` of shape (N, *S) with at least 2 dims, but got shape {tuple(source.shape)}.")
+    if source.device.type == "meta":
+        raise ValueError(
+            "Expected `source` to hold data (a CPU or accelerator tensor), but got a 'meta' tensor. Run the "
+            "forward on real inputs (e.g. materialise the model with `model.to_empty(device=...)`)."
+        )
 
 
 def _check_transform(transform: str | None, phi_ndim: int, channel_dim: int | None) -> str:

@@ -777,6 +777,9 @@ class Relax:
             raise TypeError(f"Expected `accumulate_dtype` to be a floating torch.dtype, but got {accumulate_dtype!r}.")
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"Expected `autocast_dtype` to be a torch.dtype or None, but got {autocast_dtype!r}.")
+        for qname, q in (("u_relax_quantile", u_relax_quantile), ("early_stop_quantile", early_stop_quantile)):
+            if isinstance(q, bool) or not isinstance(q, (int, float)):
+                raise TypeError(f"Expected `{qname}` to be a number in [0, 1], but got {type(q).__name__} {q!r}.")
         if not 0.0 <= float(u_relax_quantile) <= 1.0:
             raise ValueError(f"Expected `u_relax_quantile` in [0, 1], but got {u_relax_quantile!r}.")
         if not 0.0 <= float(early_stop_quantile) <= 1.0:

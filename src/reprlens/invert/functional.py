@@ -162,6 +162,9 @@ def auroc_exact(preds: Tensor, target: Tensor) -> Tensor:
     if p2.shape[0] != t2.shape[0]:
         raise ValueError(f"Expected the same number of samples, but preds has {p2.shape[0]} and target "
                          f"{t2.shape[0]} rows.")
+    if p2.shape[0] == 0:
+        raise ValueError(f"Expected at least one sample, but got preds of shape {tuple(preds.shape)}; the AUC of an "
+                         "empty set is undefined. Collect activations on a non-empty dataset.")
     ranks, _ = midranks(p2)
     t2 = t2.to(ranks.device)
     with exact_matmul_context(ranks.device):

@@ -29,6 +29,8 @@ Half-precision maps (float16/bfloat16) are upcast to float32 before any arithmet
 
 from __future__ import annotations
 
+import math
+
 from typing import Literal
 
 import torch
@@ -99,6 +101,9 @@ def _check_maps(maps: object, name: str = "maps") -> None:
             f"`{name}.unsqueeze(-1)`; maps from `layer_attributions` need a `transform` to aggregate "
             "channels."
         )
+    if maps.device.type == "meta":
+        raise ValueError(f"Expected argument `{name}` to hold data, but got a 'meta' tensor (shape only). Compute "
+                         "the maps on a CPU or accelerator device.")
     if maps.numel() == 0:
         raise ValueError(f"Expected argument `{name}` to hold at least one sample, dim and position, but got "
                          f"shape {tuple(maps.shape)}.")
@@ -190,11 +195,25 @@ def _informativeness_update(
     if normalize_dims:  # per-dim min-max (spec 2.4), whatever the final `normalization`
         maps = _normalize(maps, "minmax", eps)
         reference_maps = _normalize(reference_maps, "minmax", eps)
+    elif normalization != "none":
+        # the normalisation is invariant to a positive scale per sample (and one for all references): bring
+        # every sample's max |A| into [0.5, 1) by an exact power of 2, so the dim sum/variance cannot overflow
+        maps = maps * _pow2_scale(maps, tuple(range(1, maps.ndim)))
+        reference_maps = reference_maps * _pow2_scale(reference_maps, tuple(range(reference_maps.ndim)))
     reduced = _reduce_dims(maps, reduce_dims, ddof)  # (N, *P)
     reference = _reduce_dims(reference_maps, reduce_dims, ddof).mean(dim=0, keepdim=True)  # (1, *P)
     norm = _normalize(reduced.unsqueeze(1), normalization, eps).flatten(1)  # (N, L)
     norm_ref = _normalize(reference.unsqueeze(1), normalization, eps).flatten(1)  # (1, L)
     return (norm - norm_ref).abs().mean(dim=1)
+
+
+def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Detached power-of-2 factor ``2**-e`` with ``max |t| = m * 2**e``, ``m in [0.5, 1)``, over ``dims``; 1 for zero."""
+    m = t.detach().abs().amax(dim=dims, keepdim=True)
+    info = torch.finfo(t.dtype)
+    _, e = torch.frexp(m)
+    e = e.clamp(math.ceil(math.log2(info.tiny)) + 1, int(math.log2(info.max)))
+    return torch.where(m > 0, torch.pow(2.0, -e.to(t.dtype)), torch.ones((), dtype=t.dtype, device=t.device))
 
 
 def _informativeness_compute(scores: Tensor, reduction: str = "mean") -> Tensor:
