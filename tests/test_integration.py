@@ -172,3 +172,212 @@ def test_sweep_multirun_writes_summaries_report_and_results_table(tmp_path):
     assert [r["setting"] for r in rows] == ["reg_weight=0", "reg_weight=0.5"]
     for r, s in zip(rows, summaries):
         assert float(r["probe/linear_val_acc"]) == pytest.approx(s["metrics"]["probe/linear_val_acc"])
+
+
+# ------------------------------------------------------------------------------------------ users' own pipelines
+_USER_MODULE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class TupleViews(Dataset):
+    """lightly-style samples: ((view1, view2), label, filename); the class is the bright channel."""
+
+    def __init__(self, n, seed, two_views=True):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 3
+        base = 0.3 * torch.rand(n, 3, 12, 12, generator=g)
+        base[torch.arange(n), self.y] += 0.6
+        self.x = base
+        self.noise = 0.05 * torch.randn(2, n, 3, 12, 12, generator=g)
+        self.two_views = two_views
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        if not self.two_views:
+            return self.x[i], self.y[i]
+        return (self.x[i] + self.noise[0, i], self.x[i] + self.noise[1, i]), self.y[i], f"img_{i}.png"
+
+
+def nt_xent(z0, z1, t=0.5):
+    z = F.normalize(torch.cat([z0, z1]), dim=1)
+    sim = z @ z.T / t
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    n = len(z0)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def make_module(pl):
+    class UserSimCLR(pl.LightningModule):
+        """Written like lightly's examples: backbone + projection_head, tuple batches, tensor loss."""
+
+        def __init__(self, lr=1e-2):
+            super().__init__()
+            self.save_hyperparameters()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.projection_head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+
+        def forward(self, x):
+            return self.projection_head(self.backbone(x))
+
+        def training_step(self, batch, batch_idx):
+            (x0, x1), _, _ = batch
+            loss = nt_xent(self(x0), self(x1))
+            self.log("train_loss_ssl", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            (x0, x1), _, _ = batch
+            self.log("val_loss_ssl", nt_xent(self(x0), self(x1)))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    return UserSimCLR
+
+
+def make_datamodule(pl):
+    class UserData(pl.LightningDataModule):
+        """The user's data module; `eval_dataloader(split)` (un-augmented (x, y) batches) feeds LinearProbe."""
+
+        def train_dataloader(self):
+            return DataLoader(TupleViews(64, 0), batch_size=16, shuffle=True,
+                              generator=torch.Generator().manual_seed(0))
+
+        def val_dataloader(self):
+            return DataLoader(TupleViews(32, 1), batch_size=16)
+
+        def eval_dataloader(self, split):
+            return DataLoader(TupleViews(64 if split == "train" else 32, {"train": 0, "val": 1, "test": 2}[split],
+                                         two_views=False), batch_size=32)
+
+    return UserData
+'''
+
+
+@pytest.fixture()
+def user_code(tmp_path, monkeypatch):
+    (tmp_path / "user_code.py").write_text(_USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import user_code as mod
+
+    return importlib.reload(mod)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    return list(reader.fieldnames or []), rows
+
+
+def test_pytorch_lightning_module_with_tuple_batches_logs_to_the_users_csv_logger(user_code, tmp_path):
+    """A lightly-style module (pytorch_lightning namespace, ((v1, v2), y, fname) batches) with the regularizer,
+    ScoreMonitor and LinearProbe; the reprlens metrics land in the user's own CSVLogger."""
+    ptl = pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.loggers import CSVLogger
+
+    from reprlens.callbacks import ExplanationRegularization, LinearProbe, ScoreMonitor
+
+    torch.manual_seed(0)
+    model = user_code.make_module(ptl)()
+    dm = user_code.make_datamodule(ptl)()
+    logger = CSVLogger(tmp_path, name="user_logs", version="v0")  # the user's own logger
+    reg = ExplanationRegularization("backbone.2", "projection_head", informativeness=0.1, disentanglement=0.1)
+    monitor = ScoreMonitor("backbone.2", "backbone.5", max_batches=1)  # default inputs: first view of the tuple
+    probe = LinearProbe(layer="backbone", epochs=50, knn_k=3, progress_bar=False)
+    trainer = ptl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=logger, inference_mode=False,
+                          callbacks=[reg, monitor, probe], enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+
+    header, rows = _read_csv(tmp_path / "user_logs" / "v0" / "metrics.csv")
+    for name in ("train_loss_ssl", "reg/informativeness", "reg/disentanglement", "val/informativeness",
+                 "val/disentanglement", "probe/linear_val_acc", "probe/knn_val_acc"):
+        assert name in header, f"{name} not in the user's metrics.csv columns {header}"
+        values = [float(r[name]) for r in rows if r[name]]
+        assert values and all(torch.isfinite(torch.tensor(values))), name
+    # scores are in their documented ranges
+    inf = [float(r["val/informativeness"]) for r in rows if r["val/informativeness"]]
+    dis = [float(r["val/disentanglement"]) for r in rows if r["val/disentanglement"]]
+    assert len(inf) == 2 and all(0 <= v <= 1 for v in inf) and all(0 <= v <= 0.25 + 1e-6 for v in dis)
+    # the regularizer ran every optimizer step (4 steps per epoch, 2 epochs)
+    assert len([r for r in rows if r["reg/informativeness"]]) == trainer.global_step == 8
+    # the probe separates the bright-channel classes (chance 1/3) and matches the callback's own result
+    acc = [float(r["probe/linear_val_acc"]) for r in rows if r["probe/linear_val_acc"]][-1]
+    assert acc > 0.8
+    assert acc == pytest.approx(float(trainer.callback_metrics["probe/linear_val_acc"]))
+
+
+def test_user_hydra_app_trains_its_module_with_reprlens_callback_configs(tmp_path):
+    """The user's own Hydra app composes reprlens callback and logger configs (search-path plugin), overrides
+    their layer names for its own module and trains it with pytorch_lightning; metrics go to the CSV logger."""
+    pytest.importorskip("pytorch_lightning")
+    (tmp_path / "user_code.py").write_text(_USER_MODULE)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "config.yaml").write_text(textwrap.dedent(
+        """\
+        defaults:
+          - callbacks: [score_monitor, linear_probe]
+          - callbacks/regularizer: both
+          - logger: csv
+          - _self_
+        paths:
+          output_dir: ${hydra:runtime.output_dir}
+        callbacks:
+          score_monitor:
+            source_layer: backbone.2
+            target_layer: backbone.5
+            max_batches: 1
+            plot_every_n_epochs: null
+          linear_probe:
+            layer: backbone
+            epochs: 50
+            knn_k: 3
+            progress_bar: false
+          regularizer:
+            source_layer: backbone.2
+            target_layer: projection_head
+        max_epochs: 1
+        """))
+    (tmp_path / "my_app.py").write_text(textwrap.dedent(
+        """\
+        import json
+        import hydra
+        import pytorch_lightning as pl
+        from reprlens.cli import instantiate_callbacks, instantiate_loggers
+        import user_code
+
+        @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+        def main(cfg):
+            pl.seed_everything(0)
+            trainer = pl.Trainer(max_epochs=cfg.max_epochs, accelerator="cpu", devices=1, inference_mode=False,
+                                 callbacks=instantiate_callbacks(cfg.callbacks),
+                                 logger=instantiate_loggers(cfg.logger), enable_checkpointing=False,
+                                 enable_progress_bar=False, log_every_n_steps=1, num_sanity_val_steps=0)
+            trainer.fit(user_code.make_module(pl)(), datamodule=user_code.make_datamodule(pl)())
+            print(json.dumps({"callbacks": sorted(type(c).__name__ for c in trainer.callbacks
+                                                  if type(c).__module__.startswith("reprlens")),
+                              "log_dir": trainer.logger.log_dir}))
+
+        main()
+        """))
+    run = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "my_app.py", f"hydra.run.dir={run}"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    _ok(proc)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["callbacks"] == ["ExplanationRegularization", "LinearProbe", "ScoreMonitor"]
+    header, rows = _read_csv(Path(out["log_dir"]) / "metrics.csv")
+    assert Path(out["log_dir"]).is_relative_to(run)
+    for name in ("reg/informativeness", "val/informativeness", "probe/linear_val_acc"):
+        assert name in header and any(r[name] for r in rows), name
