@@ -165,6 +165,61 @@ def _apply_reg_weight(cfg: DictConfig) -> Any:
     return {k: callbacks_cfg[k] for k in callbacks_cfg if k != "regularizer"}
 
 
+def _requested_gpus(devices: Any) -> tuple[int, int] | None:
+    """``(count, highest index + 1)`` of a Trainer ``devices`` value, or None when Lightning picks ("auto", -1)."""
+    if isinstance(devices, bool):
+        return None
+    if isinstance(devices, int):
+        return None if devices < 0 else (devices, devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1", ""):
+            return None
+        if "," not in text:
+            try:
+                n = int(text)
+            except ValueError:
+                return None
+            return None if n < 0 else (n, n)
+        devices = [int(part) for part in text.split(",") if part.strip()]
+    if isinstance(devices, (list, tuple, ListConfig)):
+        ids = [int(d) for d in devices]
+        return (len(ids), max(ids) + 1) if ids else None
+    return None
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    """Refuse more GPUs than the machine has, before Lightning answers with "No supported gpu backend found!"."""
+    trainer_cfg = cfg.trainer
+    accelerator = str(trainer_cfg.get("accelerator", "auto")).lower()
+    if accelerator not in ("gpu", "cuda", "auto"):
+        return
+    requested = _requested_gpus(trainer_cfg.get("devices", "auto"))
+    if requested is None:
+        return
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator == "auto" and available == 0:
+        return  # "auto" without GPUs runs on CPU processes (like trainer=ddp)
+    count, needed = requested
+    if needed > available:
+        devices = OmegaConf.to_container(trainer_cfg.devices) if isinstance(
+            trainer_cfg.get("devices"), ListConfig) else trainer_cfg.get("devices")
+        fixes = (
+            f"use `trainer.devices={available}`, or `trainer=ddp` for 2 processes on CPU (gloo)"
+            if available
+            else "use `trainer=cpu` (one process) or `trainer=ddp` (2 CPU processes, gloo)"
+        )
+        raise ValueError(
+            f"trainer.devices={devices!r} asks for {count} GPU{'s' if count != 1 else ''}"
+            + (f" (up to index {needed - 1})" if needed != count else "")
+            + f" with trainer.accelerator={accelerator!r}, but this machine has {available} visible CUDA "
+            f"GPU{'s' if available != 1 else ''} (torch.cuda.device_count()={available}). To fix it, {fixes}, "
+            "or check CUDA_VISIBLE_DEVICES."
+        )
+
+
 def _output_dir(cfg: DictConfig, trainer: Any) -> Path:
     """The run directory: ``paths.output_dir`` when it resolves, else the trainer's ``default_root_dir``."""
     try:
@@ -313,7 +368,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         The final metrics as ``{name: float}`` (``trainer.callback_metrics`` after fit, then test).
 
     Raises:
-        ValueError: ``data``, ``model`` or ``trainer`` is missing, or a callback/logger entry has no ``_target_``.
+        ValueError: ``data``, ``model`` or ``trainer`` is missing, a callback/logger entry has no ``_target_``, or
+            ``trainer.devices`` asks for more GPUs than the machine has.
         TypeError: ``cfg`` is not a DictConfig.
         RuntimeError: strategy ``ddp`` (Lightning's script launcher) inside a Hydra multirun.
 
@@ -324,6 +380,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ...     metrics = run(cfg)
     """
     _check_config(cfg)
+    _check_devices(cfg)
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -96,11 +97,16 @@ def _atomic(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt or a full disk: leave no half-written temporary behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def atomic_save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
