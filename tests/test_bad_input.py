@@ -354,8 +354,7 @@ def test_hyp_normalize_maps_finite_and_bounded(maps, mode):
 @HYP
 @given(maps=_odd_maps(), transform=st.sampled_from(["abs", "lin", "sqrt"]))
 def test_hyp_aggregate_channels_matches_float64(maps, transform):
-    phi = maps.unsqueeze(2).expand(-1, -1, 2, -1, -1) if False else maps.unsqueeze(-1).unsqueeze(-1)  # (N,K,P,1,1)
-    phi = phi.reshape(maps.shape[0], maps.shape[1], maps.shape[2], 1, 1)
+    phi = maps[..., None, None]  # (N, K, C=P, 1, 1): the P axis plays the channels
     out = aggregate_channels(phi, transform)
     ref = aggregate_channels(phi.double(), transform)
     fits = ref.abs() <= torch.finfo(torch.float32).max
@@ -389,7 +388,8 @@ def test_hyp_auroc_matches_sklearn_with_ties(seed, n, d, levels, mag):
     from sklearn.metrics import roc_auc_score
 
     g = torch.Generator().manual_seed(seed)
-    acts = (torch.randint(0, levels, (n, d), generator=g).float() - 1) * mag  # many ties, huge/tiny
+    codes = torch.randint(0, levels, (n, d), generator=g).double() - 1  # many ties
+    acts = codes.float() * mag  # huge/tiny; 2 * 3e38 overflows to +inf, which is ranked (same order as codes)
     labels = torch.randint(0, 2, (n, 2), generator=g).bool()
     a = auroc(acts, labels)
     assert a.shape == (d, 2)
@@ -398,7 +398,7 @@ def test_hyp_auroc_matches_sklearn_with_ties(seed, n, d, levels, mag):
         if y.all() or not y.any():
             assert torch.isnan(a[:, k]).all()  # documented: NaN for a constant concept
         else:
-            ref = [roc_auc_score(y, acts[:, j].double().numpy()) for j in range(d)]
+            ref = [roc_auc_score(y, codes[:, j].numpy()) for j in range(d)]
             np.testing.assert_allclose(a[:, k].numpy(), ref, atol=1e-12)
 
 

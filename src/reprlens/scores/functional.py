@@ -170,8 +170,15 @@ def _informativeness_tensor_validation(
         )
 
 
-def _reduce_dims(maps: Tensor, reduce_dims: str, ddof: int) -> Tensor:
-    """``(N, K, *P) -> (N, *P)``: sum, sum of abs, or variance over the dims axis."""
+def _reduce_dims(maps: Tensor, reduce_dims: str, ddof: int, scale: Tensor | None = None) -> Tensor:
+    """``(N, K, *P) -> (N, *P)``: sum, sum of abs, or variance over the dims axis.
+
+    ``scale`` (``(N,)``, detached) multiplies every sample's maps before the reduction (no overflow of the
+    accumulation when it brings ``max |A|`` below 1; cheaper on CPU than a fused batched GEMM or einsum, which
+    may also sum before scaling).
+    """
+    if scale is not None:
+        maps = maps * scale.reshape(-1, *([1] * (maps.ndim - 1)))
     if reduce_dims == "sum":
         return maps.sum(dim=1)
     if reduce_dims == "abs":
@@ -195,13 +202,15 @@ def _informativeness_update(
     if normalize_dims:  # per-dim min-max (spec 2.4), whatever the final `normalization`
         maps = _normalize(maps, "minmax", eps)
         reference_maps = _normalize(reference_maps, "minmax", eps)
-    elif normalization != "none":
+    scale = ref_scale = None
+    if normalization != "none" and not normalize_dims:
         # the normalisation is invariant to a positive scale per sample (and one for all references): bring
         # every sample's max |A| into [0.5, 1) by an exact power of 2, so the dim sum/variance cannot overflow
-        maps = maps * _pow2_scale(maps, tuple(range(1, maps.ndim)))
-        reference_maps = reference_maps * _pow2_scale(reference_maps, tuple(range(reference_maps.ndim)))
-    reduced = _reduce_dims(maps, reduce_dims, ddof)  # (N, *P)
-    reference = _reduce_dims(reference_maps, reduce_dims, ddof).mean(dim=0, keepdim=True)  # (1, *P)
+        scale = _pow2_scale(maps, tuple(range(1, maps.ndim))).reshape(-1)
+        ref_scale = _pow2_scale(reference_maps, tuple(range(reference_maps.ndim))).reshape(()).expand(
+            reference_maps.shape[0])
+    reduced = _reduce_dims(maps, reduce_dims, ddof, scale)  # (N, *P)
+    reference = _reduce_dims(reference_maps, reduce_dims, ddof, ref_scale).mean(dim=0, keepdim=True)  # (1, *P)
     norm = _normalize(reduced.unsqueeze(1), normalization, eps).flatten(1)  # (N, L)
     norm_ref = _normalize(reference.unsqueeze(1), normalization, eps).flatten(1)  # (1, L)
     return (norm - norm_ref).abs().mean(dim=1)
@@ -209,7 +218,8 @@ def _informativeness_update(
 
 def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Detached power-of-2 factor ``2**-e`` with ``max |t| = m * 2**e``, ``m in [0.5, 1)``, over ``dims``; 1 for zero."""
-    m = t.detach().abs().amax(dim=dims, keepdim=True)
+    d = t.detach()
+    m = torch.maximum(d.amax(dim=dims, keepdim=True), -d.amin(dim=dims, keepdim=True))  # max |t|, no copy
     info = torch.finfo(t.dtype)
     _, e = torch.frexp(m)
     e = e.clamp(math.ceil(math.log2(info.tiny)) + 1, int(math.log2(info.max)))
