@@ -381,3 +381,73 @@ def test_user_hydra_app_trains_its_module_with_reprlens_callback_configs(tmp_pat
     assert Path(out["log_dir"]).is_relative_to(run)
     for name in ("reg/informativeness", "val/informativeness", "probe/linear_val_acc"):
         assert name in header and any(r[name] for r in rows), name
+
+
+_TINY = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0",
+         "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
+         "callbacks.progress_bar=null", "logger=[csv]", "callbacks.linear_probe.epochs=5",
+         "callbacks.linear_probe.progress_bar=false", "callbacks.linear_probe.knn_k=3"]
+_SHAPES_TINY = ["data.num_train=64", "data.num_val=32", "data.num_test=32"]
+_STUDY_RUNS = {
+    # experiment: (extra overrides, report section that must be "ok", metric that must be in summary.json)
+    "relax_shapes": (_SHAPES_TINY + ["callbacks.relax.num_masks=50", "callbacks.relax.num_probe=2"], "relax", None),
+    "invert_shapes": (["data.num_train=64", "data.num_val=200", "data.num_test=32",
+                       "callbacks.concept_labeler.n_permutations=10"], "concept_labels", None),
+    "trace_digits": ([], "influential_examples", None),
+    "explainer_shapes": (_SHAPES_TINY + ["callbacks.explainer.max_epochs=1"], "training_curves", "explainer/rel_err"),
+    "linear_probe_shapes": (_SHAPES_TINY, "training_curves", "probe/linear_val_acc"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", sorted(_STUDY_RUNS))
+def test_study_experiment_runs_as_one_command(experiment, tmp_path):
+    """Each study preset runs end to end (tiny sizes) and its artefact reaches the report / summary."""
+    extra, section, metric = _STUDY_RUNS[experiment]
+    run = tmp_path / "run"
+    exe = BIN / "reprlens-train"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "reprlens.train"]
+    proc = subprocess.run(cmd + [f"experiment={experiment}", f"hydra.run.dir={run}", *_TINY, *extra], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    _ok(proc)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task_name"] == experiment
+    assert summary["report"]["sections"][section] == "ok"
+    if metric is not None:  # logged to the user-facing CSV log (callbacks that log after fit skip callback_metrics)
+        header, rows = _read_csv(run / "csv" / "metrics.csv")
+        assert metric in header and any(r[metric] for r in rows), metric
+
+
+def test_results_table_groups_by_swept_overrides_with_mean_and_sample_std(tmp_path):
+    """results.md / results.csv of a hand-made multirun: the seed is averaged over, fixed overrides are ignored."""
+    import statistics
+
+    from reprlens.report import build_report
+
+    accs = {("0", "0"): 0.50, ("0", "1"): 0.60, ("0", "2"): 0.70, ("1", "0"): 0.80, ("1", "1"): 0.84, ("1", "2"): 0.86}
+    for i, ((w, seed), acc) in enumerate(sorted(accs.items())):
+        d = tmp_path / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(
+            f"- experiment=sweep_regularizer\n- reg_weight={w}\n- seed={seed}\n- hydra.verbose=false\n")
+        (d / "summary.json").write_text(json.dumps({
+            "seed": int(seed), "regularized": w != "0", "reg_weight": float(w),
+            "metrics": {"probe/linear_val_acc": acc}}))
+    build_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    for w in ("0", "1"):
+        xs = [a for (ww, _), a in accs.items() if ww == w]
+        expected = f"| reg_weight={w} | 3 | {statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g} |"
+        assert expected in md, (expected, md)
+    assert "experiment=sweep_regularizer" not in md.split("## Runs")[0]
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["setting"], r["seed"], r["regularized"]) for r in rows] == [
+        (f"reg_weight={w}", s, str(w != "0")) for w, s in sorted(accs)]
+    assert [float(r["probe/linear_val_acc"]) for r in rows] == [accs[k] for k in sorted(accs)]
+    # without overrides: grouped by the regularized flag
+    for d in tmp_path.glob("*/.hydra"):
+        (d / "overrides.yaml").unlink()
+    build_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| baseline | 3 |" in md and "| regularized | 3 |" in md

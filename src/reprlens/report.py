@@ -720,7 +720,10 @@ def build_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str]
 
     Args:
         run_dir: the run directory (``outputs/<date>/<time>`` of a run, or a multirun directory whose
-            numbered sub-directories are runs: then the ``comparison`` section compares them).
+            numbered sub-directories are runs: then the ``comparison`` section compares them, and, when
+            ``out`` is None, ``results.md`` (mean ± sample std per swept setting: the Hydra overrides that
+            differ between the runs, the seed excepted; then one row per run) and ``results.csv`` (one row
+            per run) are written next to the report).
         out: the HTML file to write (default ``<run_dir>/report.html``).
 
     Returns:
