@@ -451,3 +451,24 @@ def test_results_table_groups_by_swept_overrides_with_mean_and_sample_std(tmp_pa
     build_report(tmp_path)
     md = (tmp_path / "results.md").read_text()
     assert "| baseline | 3 |" in md and "| regularized | 3 |" in md
+
+
+@pytest.mark.slow
+def test_optuna_sweep_of_the_regularizer_weight(tmp_path):
+    """The documented Optuna command (2 tiny trials) runs and reports the best reg_weight."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "opt"
+    exe = BIN / "reprlens-train"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "reprlens.train"]
+    args = ["-m", "experiment=sweep_regularizer", "hparams_search=optuna",
+            'hydra.sweeper.params={reg_weight: "interval(0.0, 1.0)"}', "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={sweep}", *_SHAPES_TINY,
+            *[o for o in _TINY if not o.startswith("callbacks.progress_bar")], "callbacks.progress_bar=null",
+            "report=false"]
+    proc = subprocess.run(cmd + args, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    _ok(proc)
+    res = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert 0.0 <= res.best_params.reg_weight <= 1.0
+    values = [json.loads((sweep / str(i) / "summary.json").read_text())["optimized_value"] for i in range(2)]
+    assert res.best_value == pytest.approx(max(values))
+    assert all(json.loads((sweep / str(i) / "summary.json").read_text())["regularized"] for i in range(2))
