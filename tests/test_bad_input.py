@@ -35,7 +35,8 @@ from reprlens.utils import get_module
 
 NAN = float("nan")
 INF = float("inf")
-HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(max_examples=int(__import__("os").environ.get("BADINPUT_EXAMPLES", 30)), deadline=None,
+               suppress_health_check=[HealthCheck.too_slow], derandomize="BADINPUT_EXAMPLES" not in __import__("os").environ)
 
 
 def _head() -> nn.Module:
@@ -357,7 +358,10 @@ def test_hyp_aggregate_channels_matches_float64(maps, transform):
     phi = maps[..., None, None]  # (N, K, C=P, 1, 1): the P axis plays the channels
     out = aggregate_channels(phi, transform)
     ref = aggregate_channels(phi.double(), transform)
-    fits = ref.abs() <= torch.finfo(torch.float32).max
+    # finite wherever no float32 partial sum can overflow (bounded by the sum of |terms|; a signed "lin" sum
+    # of -2.8e38 and -1.3e38 overflows in float32 even when later terms bring the float64 total back in range)
+    bound = aggregate_channels(phi.double(), "sqrt" if transform == "sqrt" else "abs")
+    fits = bound <= torch.finfo(torch.float32).max
     assert torch.isfinite(out[fits]).all()
     torch.testing.assert_close(out[fits].double(), ref[fits], rtol=1e-5, atol=0)
 
