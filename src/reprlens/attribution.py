@@ -769,7 +769,15 @@ def layer_attributions(
             log.debug("layer_attributions: path=factorized method=%s bn=%s", method, policy)
             result = _factorized(head, h, method, dims, transform, target_reduction, source_baseline, n_steps, ig_rule, policy, bns, chunk_size, return_convergence_delta)
         else:
-            k = engine.k(h)
+            try:
+                k = engine.k(h)
+            except RuntimeError as err:  # shape/dtype/device mismatch between the source and the head
+                raise ValueError(
+                    f"The head could not be applied to the source of shape {tuple(h.shape)}, dtype {h.dtype}, "
+                    f"device {h.device} ({type(err).__name__}: {err}). Expected a head mapping the source layer's "
+                    "output (N, *S) to (N, K): pass the activation of the layer directly below the head, on the "
+                    "head's device and dtype."
+                ) from err
             idx = _resolve_dims(dims, k, h.device)
             log.debug("layer_attributions: path=%s method=%s K=%d bn=%s", engine_path if policy != "per_sample" else "per_sample", method, idx.numel(), policy)
             if method == "integrated_gradients":
