@@ -958,6 +958,14 @@ class Relax:
             raise ValueError(f"Expected images of shape (C, H, W) or (N, C, H, W), but got {tuple(images.shape)}.")
         if images.shape[0] == 0:
             raise ValueError("Expected at least one image, but got an empty batch.")
+        if images.device.type == "meta":
+            raise ValueError("Expected images holding data, but got a 'meta' tensor. Pass real (CPU/GPU) images.")
+        if not bool(torch.isfinite(images).all()):
+            bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"Expected finite images, but images {bad[:8]} contain NaN or Inf. Clean or drop them before "
+                "explaining (RELAX scores would be undefined)."
+            )
         shape = (int(images.shape[2]), int(images.shape[3]))
         if masks is None:
             _check_mask_args(self.num_cells, self.p_keep, self.shift, shape)
@@ -1018,7 +1026,14 @@ class Relax:
         device_type = device.type
 
         # reference representations, same autocast settings as the masked forwards
-        h_ref = torch.cat([self._encode(images[i : i + ipf_all], device_type) for i in range(0, k_total, ipf_all)])
+        try:
+            h_ref = torch.cat([self._encode(images[i : i + ipf_all], device_type) for i in range(0, k_total, ipf_all)])
+        except RuntimeError as err:  # the images do not fit the encoder (channels, size, dtype, device)
+            raise ValueError(
+                f"The encoder could not be applied to the images of shape {tuple(images.shape)}, dtype "
+                f"{images.dtype}, device {images.device} ({type(err).__name__}: {err}). Pass images in the layout, "
+                "number of channels and normalisation the encoder expects."
+            ) from err
         shift_c: Tensor | None = None
         bad = torch.zeros(k_total, dtype=torch.bool, device=device)
         S_img = torch.zeros(k_total, hw, dtype=acc, device=device)
