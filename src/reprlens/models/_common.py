@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
@@ -130,3 +131,29 @@ def _init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class _ExampleModule(pl.LightningModule):
+    """Steps and optimizers shared by the example models: each defines ``_shared_step(batch, stage)``."""
+
+    def _shared_step(self, batch: Any, stage: str) -> Tensor | None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self._shared_step(batch, "train")
+        if loss is None:  # the models raise for training batches they cannot use
+            raise RuntimeError(f"{type(self).__name__}.training_step produced no loss.")
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        return _make_optimizer(
+            self, self.parameters(), optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+            scheduler=hp.scheduler,
+        )

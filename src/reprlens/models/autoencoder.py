@@ -11,11 +11,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprlens.models._common import (
+    _ExampleModule,
     _OPTIMIZERS,
     _SCHEDULERS,
     _accuracy,
@@ -24,7 +24,6 @@ from reprlens.models._common import (
     _check_nonneg_float,
     _check_positive_float,
     _init_weights,
-    _make_optimizer,
     _unpack_batch,
 )
 from reprlens.utils import check_positive_int
@@ -32,7 +31,7 @@ from reprlens.utils import check_positive_int
 __all__ = ["ConvAutoencoder"]
 
 
-class ConvAutoencoder(pl.LightningModule):
+class ConvAutoencoder(_ExampleModule):
     """Conv encoder -> embedding ``z`` (dim K) -> conv decoder, plus a linear classifier on ``z``.
 
     Modules:
@@ -154,22 +153,3 @@ class ConvAutoencoder(pl.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=n)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        return _make_optimizer(
-            self,
-            self.parameters(),
-            optimizer=hp.optimizer,
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            scheduler=hp.scheduler,
-        )

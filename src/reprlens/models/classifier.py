@@ -6,11 +6,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprlens.models._common import (
+    _ExampleModule,
     _OPTIMIZERS,
     _SCHEDULERS,
     _accuracy,
@@ -19,7 +19,6 @@ from reprlens.models._common import (
     _check_nonneg_float,
     _check_positive_float,
     _init_weights,
-    _make_optimizer,
     _unpack_batch,
 )
 from reprlens.utils import check_positive_int
@@ -27,7 +26,7 @@ from reprlens.utils import check_positive_int
 __all__ = ["Classifier"]
 
 
-class Classifier(pl.LightningModule):
+class Classifier(_ExampleModule):
     """Small CNN: ``features`` (conv3x3-BN-ReLU-maxpool stages), ``pool`` (global average + flatten), ``fc``.
 
     ``features`` children are named ``conv1, bn1, relu1, pool1, conv2, ...``; the last stage has no
@@ -101,22 +100,3 @@ class Classifier(pl.LightningModule):
         self.log(f"{stage}/acc", _accuracy(logits, y), prog_bar=stage != "train", batch_size=n)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        return _make_optimizer(
-            self,
-            self.parameters(),
-            optimizer=hp.optimizer,
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            scheduler=hp.scheduler,
-        )

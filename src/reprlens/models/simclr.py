@@ -10,19 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprlens.models._common import (
+    _ExampleModule,
     _OPTIMIZERS,
     _SCHEDULERS,
     _check_choice,
     _check_nonneg_float,
     _check_positive_float,
     _init_weights,
-    _make_optimizer,
     _unpack_views,
 )
 from reprlens.utils import check_positive_int
@@ -133,7 +132,7 @@ class SmallResNet(nn.Module):
         return self.pool(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
 
-class SimCLR(pl.LightningModule):
+class SimCLR(_ExampleModule):
     """SimCLR: small ResNet backbone, MLP projector, NT-Xent loss on two views.
 
     Batches: reprlens dict batches with ``"views"`` (list of two ``(N, C, H, W)`` tensors) or
@@ -236,25 +235,3 @@ class SimCLR(pl.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=views[0].shape[0])
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self._shared_step(batch, "train")
-        if loss is None:  # unreachable: _shared_step raises for train batches without views
-            raise RuntimeError("SimCLR.training_step produced no loss.")
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "test")
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        return _make_optimizer(
-            self,
-            self.parameters(),
-            optimizer=hp.optimizer,
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            scheduler=hp.scheduler,
-        )
