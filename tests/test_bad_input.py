@@ -176,6 +176,17 @@ CASES = [
      r"encoder output.*at least 2 dims.*\(1,\)"),
     ("relax-unknown-kwarg", lambda: relax(_enc(), torch.rand(1, 3, 8, 8), num_mask=10), TypeError, r"Unknown Relax arguments.*num_masks"),
     ("relax-encoder-not-callable", lambda: Relax(3), TypeError, r"`encoder`.*callable.*int"),
+    # ---- linear probe / kNN ----
+    ("knn-nan-embeddings", lambda: __import__("reprlens.callbacks", fromlist=["x"]).knn_accuracy(
+        torch.rand(10, 3).index_fill(0, torch.tensor([2]), NAN), torch.zeros(10, dtype=torch.long), torch.rand(4, 3),
+        torch.zeros(4, dtype=torch.long)), ValueError, r"finite embeddings in `train_x`.*1 of 10 rows.*\[2\]"),
+    ("probe-inf-query", lambda: __import__("reprlens.callbacks", fromlist=["x"]).fit_linear_probe(
+        torch.rand(10, 3), torch.zeros(10, dtype=torch.long), torch.full((4, 3), INF), torch.zeros(4, dtype=torch.long)),
+     ValueError, r"finite embeddings in `val_x`"),
+    ("probe-row-mismatch", lambda: __import__("reprlens.callbacks", fromlist=["x"]).fit_linear_probe(
+        torch.rand(10, 3), torch.zeros(9, dtype=torch.long)), ValueError, r"`train_x` of shape \(N, D\).*\(10, 3\) and \(9,\)"),
+    ("probe-float-labels", lambda: __import__("reprlens.callbacks", fromlist=["x"]).fit_linear_probe(
+        torch.rand(10, 3), torch.zeros(10)), TypeError, r"integer class labels in `train_y`.*float32"),
     # ---- capture / utils: names ----
     ("capture-unknown-layer", lambda: LayerCapture(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), ["1x"]), ValueError,
      r"Unknown layer '1x'.*Closest valid names: '1'"),

@@ -88,6 +88,13 @@ def _check_xy(x: Tensor, y: Tensor, name: str) -> None:
         raise ValueError(f"The {name} split is empty: the probe needs at least one example.")
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise TypeError(f"Expected integer class labels in `{name}_y`, but got dtype {y.dtype}.")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        rows = (~torch.isfinite(x)).any(1).nonzero().flatten()
+        raise ValueError(
+            f"Expected finite embeddings in `{name}_x`, but {rows.numel()} of {x.shape[0]} rows contain NaN or Inf "
+            f"(e.g. rows {rows[:5].tolist()}). The representation has diverged or overflowed; check the training "
+            "loss (or embed in float32) before probing."
+        )
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
