@@ -57,6 +57,12 @@ def _maps(*shape: int) -> torch.Tensor:
     return torch.rand(*(shape or (2, 3, 4, 4)))
 
 
+def _imp(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
 _RELAX = dict(num_masks=10, batch_size=10, num_cells=3, seed=0)
 
 # (id, thunk, exception type, message regex naming what was expected/given)
@@ -177,16 +183,40 @@ CASES = [
     ("relax-unknown-kwarg", lambda: relax(_enc(), torch.rand(1, 3, 8, 8), num_mask=10), TypeError, r"Unknown Relax arguments.*num_masks"),
     ("relax-encoder-not-callable", lambda: Relax(3), TypeError, r"`encoder`.*callable.*int"),
     # ---- linear probe / kNN ----
-    ("knn-nan-embeddings", lambda: __import__("reprlens.callbacks", fromlist=["x"]).knn_accuracy(
+    ("knn-nan-embeddings", lambda: _imp("reprlens.callbacks").knn_accuracy(
         torch.rand(10, 3).index_fill(0, torch.tensor([2]), NAN), torch.zeros(10, dtype=torch.long), torch.rand(4, 3),
         torch.zeros(4, dtype=torch.long)), ValueError, r"finite embeddings in `train_x`.*1 of 10 rows.*\[2\]"),
-    ("probe-inf-query", lambda: __import__("reprlens.callbacks", fromlist=["x"]).fit_linear_probe(
+    ("probe-inf-query", lambda: _imp("reprlens.callbacks").fit_linear_probe(
         torch.rand(10, 3), torch.zeros(10, dtype=torch.long), torch.full((4, 3), INF), torch.zeros(4, dtype=torch.long)),
      ValueError, r"finite embeddings in `val_x`"),
-    ("probe-row-mismatch", lambda: __import__("reprlens.callbacks", fromlist=["x"]).fit_linear_probe(
+    ("probe-row-mismatch", lambda: _imp("reprlens.callbacks").fit_linear_probe(
         torch.rand(10, 3), torch.zeros(9, dtype=torch.long)), ValueError, r"`train_x` of shape \(N, D\).*\(10, 3\) and \(9,\)"),
-    ("probe-float-labels", lambda: __import__("reprlens.callbacks", fromlist=["x"]).fit_linear_probe(
+    ("probe-float-labels", lambda: _imp("reprlens.callbacks").fit_linear_probe(
         torch.rand(10, 3), torch.zeros(10)), TypeError, r"integer class labels in `train_y`.*float32"),
+    # ---- regularizer, invert, explainer net, trace, collector ----
+    ("regularizer-negative-weight", lambda: _imp("reprlens.regularizer").ExplanationRegularizer(informativeness=-1),
+     ValueError, r"`informativeness`.*finite weight >= 0.*-1"),
+    ("regularizer-unaggregated-transform", lambda: _imp("reprlens.regularizer").ExplanationRegularizer(
+        informativeness=1, transform="none"), ValueError, r"`transform`.*'abs'.*'none'.*channel-aggregated"),
+    ("regularizer-one-sampled-dim", lambda: _imp("reprlens.regularizer").ExplanationRegularizer(
+        disentanglement=1, num_dims_sampled=1), ValueError, r"`num_dims_sampled`.*>= 2.*1"),
+    ("l2l-unknown-source-layer", lambda: LayerToLayerAttribution(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), "5", "1"),
+     ValueError, r"Unknown source layer '5'"),
+    ("summed-map-unrelated-target", lambda: _imp("reprlens.attribution").summed_map(torch.rand(2, 3), torch.rand(2, 3)),
+     ValueError, r"no gradient path from the source"),
+    ("invert-tensor-concepts", lambda: _imp("reprlens.invert").Invert(torch.zeros(3, 2)), TypeError,
+     r"`concepts` to be a ConceptSet.*Tensor"),
+    ("invert-rows-mismatch", lambda: _imp("reprlens.invert").Invert(
+        ConceptSet(torch.tensor([[0, 1], [1, 0], [1, 1], [0, 0]]).bool(), ["a", "b"])).explain(torch.rand(5, 3)),
+     ValueError, r"activations with 4 rows.*got 5"),
+    ("conceptset-non-binary", lambda: ConceptSet(torch.full((4, 2), 2), ["a", "b"]), ValueError,
+     r"binary labels.*\[2, 2"),
+    ("part-explainer-zero-channels", lambda: _imp("reprlens.explainer_net").PartExplainer(0), ValueError,
+     r"`in_channels`.*>= 1.*0"),
+    ("class-pure-sampler-batch-zero", lambda: _imp("reprlens.trace").ClassPureBatchSampler(
+        torch.zeros(10, dtype=torch.long), batch_size=0), ValueError, r"`batch_size`.*>= 1.*0"),
+    ("collector-empty-layer", lambda: _imp("reprlens.invert").ActivationCollector(""), TypeError,
+     r"`layer`.*non-empty dotted module name"),
     # ---- capture / utils: names ----
     ("capture-unknown-layer", lambda: LayerCapture(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), ["1x"]), ValueError,
      r"Unknown layer '1x'.*Closest valid names: '1'"),
