@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,41 +26,9 @@ import torch
 
 from reprlens.scores import disentanglement, informativeness
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000.0
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
-
-
-def abab(baseline: Callable[[], Any], variant: Callable[[], Any], *, pairs: int, warmup: int = 2,
-         device: torch.device) -> dict[str, float]:
-    """Each variant iteration right after a baseline iteration; median of the per-pair ratios."""
-    for _ in range(warmup):
-        baseline()
-        variant()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    tb, tv, ratios = [], [], []
-    for _ in range(pairs):
-        a, b = _time_once(baseline, device), _time_once(variant, device)
-        tb.append(a)
-        tv.append(b)
-        ratios.append(b / max(a, 1e-12))
-    out = {"baseline_s": statistics.median(tb), "variant_s": statistics.median(tv),
-           "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-           "pairs": pairs}
-    if device.type == "cuda":
-        out["max_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
+from _common import abab  # noqa: E402  (shared ABAB timing)
 
 
 # ------------------------------------------------------------------------------------------ reference loop
