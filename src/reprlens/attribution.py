@@ -826,18 +826,19 @@ def _finish(
     return phi
 
 
-def _baseline_like(source_baseline: Tensor | float, h: Tensor) -> Tensor:
-    if isinstance(source_baseline, Tensor):
+def _baseline_like(value: Tensor | float, like: Tensor, *, name: str = "source_baseline",
+                   target: str = "the source shape", allowed: str = "a Tensor or a float") -> Tensor:
+    """``value`` (a tensor broadcastable to ``like``, or a number) as a tensor of ``like``'s shape/dtype/device."""
+    if isinstance(value, Tensor):
         try:
-            return torch.broadcast_to(source_baseline.to(dtype=h.dtype, device=h.device), h.shape)
+            return torch.broadcast_to(value.to(dtype=like.dtype, device=like.device), like.shape)
         except RuntimeError:
             raise ValueError(
-                f"Expected `source_baseline` broadcastable to the source shape {tuple(h.shape)}, but got shape "
-                f"{tuple(source_baseline.shape)}."
+                f"Expected `{name}` broadcastable to {target} {tuple(like.shape)}, but got shape {tuple(value.shape)}."
             ) from None
-    if isinstance(source_baseline, bool) or not isinstance(source_baseline, (int, float)):
-        raise TypeError(f"Expected `source_baseline` to be a Tensor or a float, but got {type(source_baseline).__name__}.")
-    return torch.full_like(h, float(source_baseline))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected `{name}` to be {allowed}, but got {type(value).__name__}.")
+    return torch.full_like(like, float(value))
 
 
 def _ig_generic(engine: _Engine, h: Tensor, idx: Tensor, k: int, source_baseline, n_steps: int, ig_rule: str, want_delta: bool):
@@ -1306,17 +1307,8 @@ class LayerToLayerAttribution:
     def _baseline_inputs(self, inputs: Tensor, baselines: Tensor | float | None) -> Tensor:
         if baselines is None:
             return torch.zeros_like(inputs)
-        if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
-            return torch.full_like(inputs, float(baselines))
-        if isinstance(baselines, Tensor):
-            try:
-                return torch.broadcast_to(baselines.to(dtype=inputs.dtype, device=inputs.device), inputs.shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"Expected `baselines` broadcastable to the inputs' shape {tuple(inputs.shape)}, but got "
-                    f"{tuple(baselines.shape)}."
-                ) from None
-        raise TypeError(f"Expected `baselines` to be a Tensor, a float or None, but got {type(baselines).__name__}.")
+        return _baseline_like(baselines, inputs, name="baselines", target="the inputs' shape",
+                              allowed="a Tensor, a float or None")
 
     def _source_of(self, x: Tensor, args: tuple) -> Tensor:
         with torch.no_grad(), preserve_batchnorm_buffers(self.model):
