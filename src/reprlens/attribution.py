@@ -410,27 +410,25 @@ def _bn_eval(bns: list[nn.Module], enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def preserve_batchnorm_buffers(model: nn.Module) -> Iterator[None]:
-    """Snapshot every BatchNorm buffer of ``model`` and restore it on exit (for extra forwards)."""
+    """Run extra forwards on copies of every BatchNorm buffer of ``model``, so running statistics never move.
+
+    The original buffer tensors are swapped out for clones and swapped back on exit (never copied back into):
+    a training forward's autograd graph may have saved them, and an in-place restore would bump their version
+    counter and break that graph's backward (seen with torchvision ResNet-18).
+    """
     saved = []
     for m in unwrap_model(model).modules():
         if _is_bn(m):
-            bufs = {
-                name: b.detach().clone()
-                for name, b in (
-                    ("running_mean", m.running_mean),
-                    ("running_var", m.running_var),
-                    ("num_batches_tracked", m.num_batches_tracked),
-                )
-                if b is not None
-            }
-            saved.append((m, bufs))
+            originals = {k: b for k, b in m._buffers.items() if b is not None}
+            saved.append((m, originals))
+            for k, b in originals.items():
+                m._buffers[k] = b.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, bufs in saved:
-                for name, value in bufs.items():
-                    getattr(m, name).copy_(value)
+        for m, originals in saved:
+            for k, b in originals.items():
+                m._buffers[k] = b
 
 
 def _check_source(source: Tensor) -> None:

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from reprlens.attribution import preserve_batchnorm_buffers
 from reprlens.callbacks import _shared
 from reprlens.utils import check_positive_int, extra_forward, get_module, unwrap_model
 
@@ -49,37 +50,6 @@ def default_inputs_fn(batch: Any) -> Tensor:
         torch.Size([2, 3, 4, 4])
     """
     return _shared.default_inputs_fn(batch, prefer_views=True, owner="ExplanationRegularization")
-
-
-def _bn_modules(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-
-
-class _BNBufferGuard:
-    """Run extra forwards on copies of every BatchNorm buffer, so running statistics never move.
-
-    The original buffer tensors are swapped out (not copied back into): the training forward's autograd
-    graph saved them, and an in-place restore would bump their version and break its backward.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.mods = _bn_modules(module)
-        self.saved: list[tuple[nn.Module, dict[str, Tensor]]] = []
-
-    def __enter__(self) -> _BNBufferGuard:
-        self.saved = []
-        for m in self.mods:
-            originals = {k: b for k, b in m._buffers.items() if b is not None}
-            self.saved.append((m, originals))
-            for k, b in originals.items():
-                m._buffers[k] = b.clone()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, originals in self.saved:
-            for k, b in originals.items():
-                m._buffers[k] = b
-        self.saved = []
 
 
 class ExplanationRegularization(Callback):
@@ -527,7 +497,7 @@ class ExplanationRegularization(Callback):
         if not isinstance(x, Tensor):
             raise TypeError(f"`inputs_fn` must return a Tensor, but returned {type(x).__name__}.")
         noise = self._noise_inputs(x)
-        with _BNBufferGuard(pl_module), torch.enable_grad(), LayerCapture(pl_module, self._capture_layers()) as cap:
+        with preserve_batchnorm_buffers(pl_module), torch.enable_grad(), LayerCapture(pl_module, self._capture_layers()) as cap:
             self.forward_fn(pl_module, noise)
         ref_h = cap.activations[self.source_layer][0]
         ref_z = cap.activations[self.target_layer][0] if self._head is None else None
@@ -573,11 +543,8 @@ class ExplanationRegularization(Callback):
         else:
             head = nn.Sequential(*leaves)
         try:
-            with torch.no_grad(), _BNBufferGuard(root):
-                was = [(m, m.training) for m in _bn_modules(root)]
+            with torch.no_grad(), preserve_batchnorm_buffers(root):
                 z_hat = head(h.detach())
-            for m, t in was:
-                m.train(t)
             zz = z.detach()
             if z_hat.shape != zz.shape:
                 return None
